@@ -1,0 +1,131 @@
+"""The ASGI app: routes, error handling, CORS, and the delivery loop.
+
+`create_app` builds everything from a `Settings`; nothing is read from the
+environment here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from importlib.resources import files
+
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mapper.clients import ACClient
+from mapper.db import make_engine, make_sessionmaker
+from mapper.delivery import DeliveryWorker
+from mapper.errors import (
+    BadRequest,
+    error_response,
+    handle_bad_request,
+    handle_server_error,
+)
+from mapper.landing import go, landed
+from mapper.settings import Settings, require_secret_keys
+from mapper.tokens import VisitorSigner
+from mapper.tracking import track
+from mapper.web import Runtime
+from mapper.webhooks import activecampaign_webhook
+
+SNIPPET = files("mapper").joinpath("static/mapper.js").read_text("utf-8")
+
+
+async def snippet(request: Request) -> Response:
+    """Serve the browser snippet; it holds no key, email or visitor id."""
+    return Response(
+        SNIPPET,
+        media_type="text/javascript",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def missing_webhook_secret(request: Request) -> Response:
+    raise BadRequest("Invalid webhook secret.", status=401)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(str(exc.detail), exc.status_code)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    deliver: bool = True,
+) -> Starlette:
+    """Build the app; with `deliver`, its lifespan runs the delivery loop."""
+    require_secret_keys(settings)
+    engine = engine or make_engine(settings.database_url)
+    state = Runtime(
+        settings=settings,
+        sessions=make_sessionmaker(engine),
+        signer=VisitorSigner(settings.secret_keys, max_age=settings.cookie_max_age),
+        ac=ACClient(settings),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        worker = DeliveryWorker(settings, state.sessions, state.ac)
+        task = asyncio.create_task(worker.run(stop)) if deliver else None
+        yield
+        stop.set()
+        if task is not None:
+            await task
+        await state.ac.aclose()
+
+    app = Starlette(
+        routes=_routes(),
+        middleware=[_cors(settings)],
+        exception_handlers={
+            BadRequest: handle_bad_request,
+            HTTPException: handle_http_exception,
+            Exception: handle_server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.runtime = state
+    return app
+
+
+def _routes() -> list[Route]:
+    return [
+        Route("/go", go, methods=["GET"]),
+        Route("/landed", landed, methods=["GET"]),
+        Route("/track", track, methods=["POST"]),
+        Route("/mapper.js", snippet, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+        Route(
+            "/webhooks/activecampaign/{secret}",
+            activecampaign_webhook,
+            methods=["POST"],
+        ),
+        Route("/webhooks/activecampaign", missing_webhook_secret, methods=["POST"]),
+    ]
+
+
+def _cors(settings: Settings) -> Middleware:
+    # Credentials are allowed, so origins are always listed, never "*".
+    origins = [origin for origin in settings.allowed_origins if origin != "*"]
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_credentials=True,
+        allow_methods=["POST"],
+        allow_headers=["Content-Type"],
+        max_age=600,
+    )

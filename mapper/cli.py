@@ -1,0 +1,98 @@
+"""The `mapper` command: run the service and manage its database.
+
+Settings come from the environment and `.env` only; no option takes a
+secret, so none ends up in shell history or a process list.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+import uvicorn
+
+from mapper.db import check_schema, make_engine, upgrade
+from mapper.errors import MapperError
+from mapper.settings import Settings, load_settings, require_secret_keys
+
+logger = logging.getLogger(__name__)
+
+SERVE_SETTINGS = """
+Reads MAPPER_DATABASE_URL, MAPPER_SECRET_KEYS (required), MAPPER_WEBHOOK_SECRET,
+MAPPER_AC_API_URL, MAPPER_AC_API_KEY, MAPPER_AC_ACTID, MAPPER_AC_EVENT_KEY,
+MAPPER_AC_TRACK_URL, MAPPER_ALLOWED_HOSTS, MAPPER_ALLOWED_ORIGINS,
+MAPPER_COOKIE_SECURE and the other MAPPER_ settings listed in the README,
+from the environment or a .env file in the working folder.
+"""
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+    )
+    # At INFO httpx logs every request URL, and hash lookups carry the API
+    # key in theirs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def read_settings() -> Settings:
+    try:
+        return load_settings()
+    except MapperError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+def main() -> None:
+    """mapper: signed visitor IDs mapped to ActiveCampaign contacts."""
+    configure_logging()
+
+
+@main.command(epilog=SERVE_SETTINGS)
+@click.option("--host", help="Interface to listen on [default: MAPPER_HOST].")
+@click.option("--port", type=int, help="Port to listen on [default: MAPPER_PORT].")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the HTTP service with its event delivery loop.
+
+    Refuses to start while the database schema is not current.
+    """
+    from mapper.app import create_app
+
+    settings = read_settings()
+    try:
+        require_secret_keys(settings)
+        engine = make_engine(settings.database_url)
+        check_schema(engine)
+    except MapperError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    app = create_app(settings, engine=engine)
+    logger.info("mapper is starting.")
+    uvicorn.run(
+        app,
+        host=host or settings.host,
+        port=port or settings.port,
+        # The access log would write query strings and webhook paths, which
+        # carry AC hashes and the webhook secret.
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+    )
+    logger.info("mapper has stopped.")
+
+
+@main.group()
+def db() -> None:
+    """Manage mapper's database schema."""
+
+
+@db.command(
+    "upgrade", epilog="Reads MAPPER_DATABASE_URL (default: sqlite:///mapper.db)."
+)
+def upgrade_schema() -> None:
+    """Apply all pending migrations to the database."""
+    settings = read_settings()
+    upgrade(settings.database_url)
+    logger.info("The database schema is current.")

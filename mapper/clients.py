@@ -1,0 +1,171 @@
+"""Outbound calls to ActiveCampaign: hash lookups and event posts.
+
+These are the only places an email, the event key or the API token leave
+the server, and they go only to AC. Nothing here logs a URL or a body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from mapper.emails import normalize_email
+from mapper.errors import ACUnavailable, InvalidEmail
+from mapper.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+AC_ID = re.compile(r"[0-9]{1,20}")
+MAX_MESSAGE = 500
+
+
+@dataclass(frozen=True)
+class LookedUpContact:
+    """A contact as AC's hash lookup described it."""
+
+    ac_contact_id: str
+    email: str
+    ac_hash: str
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """How AC answered one event post.
+
+    `outcome` is `delivered`, `retry` (try again later, not before
+    `retry_at` when AC said so) or `refused` (AC will not take it).
+    """
+
+    outcome: str
+    message: str
+    retry_at: datetime | None = None
+
+
+class ACClient:
+    """Talks to AC's v1 contact API and its event tracking endpoint."""
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._settings = settings
+        self._http = httpx.AsyncClient(
+            timeout=settings.ac_timeout,
+            transport=transport,
+            follow_redirects=False,
+            headers={"User-Agent": "mapper"},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def view_hash(self, ac_hash: str) -> LookedUpContact | None:
+        """Ask AC which contact has `ac_hash`; None if AC knows no such one.
+
+        The answer counts only if it is one contact carrying that same
+        hash, so an odd reply cannot bind a visitor to the wrong person.
+        Raises `ACUnavailable` when AC cannot be asked or does not answer
+        in its documented form.
+        """
+        settings = self._settings
+        if settings.ac_api_url is None or settings.ac_api_key is None:
+            return None
+        params = {
+            "api_action": "contact_view_hash",
+            "api_key": str(settings.ac_api_key),
+            "api_output": "json",
+            "hash": ac_hash,
+        }
+        try:
+            response = await self._http.get(
+                f"{settings.ac_api_url}/admin/api.php", params=params
+            )
+            response.raise_for_status()
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ACUnavailable("AC's contact API gave no usable answer.") from exc
+
+        return _contact_from_view(body, ac_hash)
+
+    async def send_event(
+        self, *, email: str, name: str, data: str | None
+    ) -> DeliveryResult:
+        """Post one event to AC's tracking endpoint for the contact `email`."""
+        settings = self._settings
+        form = {
+            "actid": settings.ac_actid or "",
+            "key": str(settings.ac_event_key or ""),
+            "event": name,
+            "visit": json.dumps({"email": email}),
+        }
+        if data is not None:
+            form["eventdata"] = data
+        try:
+            response = await self._http.post(settings.ac_track_url, data=form)
+        except httpx.HTTPError as exc:
+            return DeliveryResult("retry", f"Network error: {type(exc).__name__}")
+
+        return _result_from_track(response)
+
+
+def _contact_from_view(body: Any, ac_hash: str) -> LookedUpContact | None:
+    if not isinstance(body, dict) or "result_code" not in body:
+        raise ACUnavailable("AC's contact API answered without a result code.")
+    if str(body["result_code"]) != "1":
+        return None
+    contact_id, email, found_hash = body.get("id"), body.get("email"), body.get("hash")
+    if not isinstance(contact_id, str | int) or not AC_ID.fullmatch(str(contact_id)):
+        return None
+    if not isinstance(found_hash, str) or found_hash.lower() != ac_hash:
+        return None
+    if not isinstance(email, str):
+        return None
+    try:
+        normalized = normalize_email(email)
+    except InvalidEmail:
+        return None
+    return LookedUpContact(str(contact_id), normalized, ac_hash)
+
+
+def _result_from_track(response: httpx.Response) -> DeliveryResult:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        retry_at = _retry_after(response.headers.get("Retry-After"))
+        return DeliveryResult("retry", f"AC answered HTTP {status}.", retry_at)
+
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return DeliveryResult("refused", f"AC answered HTTP {status} with no JSON.")
+
+    message = str(body.get("message", ""))[:MAX_MESSAGE]
+    # Only the documented success marker counts: an empty object, a string
+    # "1" or a 2xx without it are not AC having spawned the event.
+    if status == 200 and body.get("success") == 1 and body["success"] is not True:
+        return DeliveryResult("delivered", message)
+    return DeliveryResult("refused", message or f"AC answered HTTP {status}.")
+
+
+def _retry_after(value: str | None) -> datetime | None:
+    """Read a Retry-After header given in seconds or as an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    now = datetime.now(UTC)
+    if value.isdigit():
+        return now + timedelta(seconds=int(value))
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(moment, now)

@@ -1,0 +1,156 @@
+"""The email-link landing: `GET /go?h=<AC hash>&to=<page>`.
+
+The hash identifies the contact; it is looked up here (locally first, AC
+once on a miss) and dropped before the redirect, so it never reaches the
+site's pages, logs, analytics or referrers. Every answer looks the same
+whether or not the hash is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from mapper.clients import LookedUpContact
+from mapper.errors import ACUnavailable
+from mapper.models import Contact, utcnow
+from mapper.settings import Settings
+from mapper.store import (
+    ContactFacts,
+    find_contact_by_hash,
+    identify_visitor,
+    record_contact,
+    run_transaction,
+    touch_visitor,
+)
+from mapper.tokens import VisitorId
+from mapper.web import Runtime, runtime, set_visitor_cookie, visitor_from_cookie
+
+logger = logging.getLogger(__name__)
+
+AC_HASH = re.compile(r"[0-9a-f]{32}")
+MAX_TARGET_LENGTH = 2048
+
+LANDED_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Welcome</title></head>
+<body><p>Thanks for visiting. You can close this page.</p></body></html>
+"""
+
+
+async def go(request: Request) -> Response:
+    """Identify the visitor by the link's hash and send it on, hash removed."""
+    state = runtime(request)
+    raw_hash = request.query_params.get("h", "").strip().lower()
+    target = safe_target(request.query_params.get("to"), state.settings, raw_hash)
+    ac_hash = raw_hash if AC_HASH.fullmatch(raw_hash) else None
+
+    looked_up = None
+    if ac_hash is not None:
+        known = await run_in_threadpool(_is_known, state, ac_hash)
+        if not known and ac_hash not in state.unknown_hashes:
+            looked_up = await _ask_ac(state, ac_hash)
+
+    visitor_id = await run_in_threadpool(
+        run_transaction,
+        state.sessions,
+        lambda session: _land(
+            session, visitor_from_cookie(request), ac_hash, looked_up
+        ),
+    )
+    response = RedirectResponse(target, status_code=302)
+    response.headers["Referrer-Policy"] = "no-referrer"
+    set_visitor_cookie(response, state, visitor_id)
+    return response
+
+
+async def _ask_ac(state: Runtime, ac_hash: str) -> LookedUpContact | None:
+    try:
+        looked_up = await state.ac.view_hash(ac_hash)
+    except ACUnavailable:
+        # The visitor goes on anonymous; the next click asks again.
+        logger.warning("AC hash lookup failed; the visitor stays anonymous.")
+        return None
+    if looked_up is None:
+        state.unknown_hashes.add(ac_hash)
+    return looked_up
+
+
+def _is_known(state: Runtime, ac_hash: str) -> bool:
+    with state.sessions() as session:
+        return find_contact_by_hash(session, ac_hash) is not None
+
+
+def _land(
+    session: Session,
+    visitor_id: VisitorId | None,
+    ac_hash: str | None,
+    looked_up: LookedUpContact | None,
+) -> VisitorId:
+    visitor = touch_visitor(session, visitor_id)
+    if looked_up is not None:
+        record_contact(session, _facts(looked_up))
+
+    contact: Contact | None = None
+    if ac_hash is not None:
+        contact = find_contact_by_hash(session, ac_hash)
+    if contact is not None:
+        identify_visitor(session, visitor, contact, how="hash")
+    return VisitorId(visitor.public_id)
+
+
+def _facts(found: LookedUpContact) -> ContactFacts:
+    # AC's answer is its current state, so it is dated now: a webhook that
+    # was sent before the lookup but arrives after it cannot undo it.
+    return ContactFacts(
+        ac_contact_id=found.ac_contact_id,
+        email=found.email,
+        as_of=utcnow(),
+        source="hash",
+        ac_hash=found.ac_hash,
+    )
+
+
+def safe_target(raw: str | None, settings: Settings, ac_hash: str) -> str:
+    """Return `raw` if it is an http(s) URL on an allowed host, else a default.
+
+    Query parameters and a fragment that carry the hash are removed, so a
+    link built carelessly still cannot pass it on to the page.
+    """
+    if not raw or len(raw) > MAX_TARGET_LENGTH or not raw.isprintable():
+        return default_target(settings)
+    parts = urlsplit(raw)
+    allowed = parts.scheme in {"http", "https"} and (
+        (parts.hostname or "") in settings.allowed_hosts
+    )
+    if not allowed or "\\" in parts.netloc:
+        return default_target(settings)
+
+    if ac_hash:
+        query = [
+            (key, value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+            if ac_hash not in value.lower()
+        ]
+        fragment = "" if ac_hash in parts.fragment.lower() else parts.fragment
+        parts = parts._replace(query=urlencode(query), fragment=fragment)
+    return urlunsplit(parts)
+
+
+def default_target(settings: Settings) -> str:
+    """Where a link with no usable target goes: the configured page, else
+    the first allowed site, else mapper's own neutral page."""
+    if settings.default_redirect:
+        return settings.default_redirect
+    if settings.allowed_hosts:
+        return f"https://{settings.allowed_hosts[0]}/"
+    return "/landed"
+
+
+async def landed(request: Request) -> HTMLResponse:
+    return HTMLResponse(LANDED_PAGE)

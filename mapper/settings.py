@@ -1,0 +1,189 @@
+"""Settings, read once from the environment and an optional `.env` file.
+
+This is the only module that reads the environment. Secrets are held in
+`Secret`, so that a settings object never prints them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.config import Config
+from starlette.datastructures import Secret
+
+from mapper.errors import SettingsError
+
+DEFAULT_DATABASE_URL = "sqlite:///mapper.db"
+DEFAULT_TRACK_URL = "https://trackcmp.net/event"
+PLACEHOLDERS = {"changeme", "change-me", "secret", "xxx", "placeholder"}
+MIN_SECRET_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything mapper is configured with; built by `load_settings`."""
+
+    database_url: str
+    secret_keys: tuple[Secret, ...]
+    cookie_name: str
+    cookie_secure: bool
+    cookie_max_age: int
+    webhook_secret: Secret | None
+    ac_api_url: str | None
+    ac_api_key: Secret | None
+    ac_actid: str | None
+    ac_event_key: Secret | None
+    ac_track_url: str
+    ac_timeout: float
+    allowed_hosts: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
+    default_redirect: str | None
+    track_max_bytes: int
+    delivery_batch_size: int
+    delivery_interval: float
+    delivery_lease: float
+    host: str
+    port: int
+
+    @property
+    def delivery_configured(self) -> bool:
+        """Whether the AC event endpoint can be called at all."""
+        return bool(self.ac_actid and self.ac_event_key)
+
+    @property
+    def lookup_configured(self) -> bool:
+        """Whether AC's contact API can be asked about unknown hashes."""
+        return bool(self.ac_api_url and self.ac_api_key)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    env_file: str | Path | None = ".env",
+) -> Settings:
+    """Read the settings; raise `SettingsError` naming any bad one.
+
+    Values come from `environ` (the process environment by default), then
+    from `env_file` when it exists, then from the defaults.
+    """
+    if env_file is not None and not Path(env_file).is_file():
+        env_file = None
+    config = Config(env_file, environ=os.environ if environ is None else environ)
+    read = _Reader(config)
+
+    return Settings(
+        database_url=read.text("MAPPER_DATABASE_URL", DEFAULT_DATABASE_URL),
+        secret_keys=read.secret_list("MAPPER_SECRET_KEYS"),
+        cookie_name=read.text("MAPPER_COOKIE_NAME", "mapper_vid"),
+        cookie_secure=read.flag("MAPPER_COOKIE_SECURE", True),
+        cookie_max_age=read.number("MAPPER_COOKIE_MAX_AGE", 400 * 24 * 3600),
+        webhook_secret=read.secret("MAPPER_WEBHOOK_SECRET"),
+        ac_api_url=read.optional_url("MAPPER_AC_API_URL"),
+        ac_api_key=read.secret("MAPPER_AC_API_KEY", min_length=1),
+        ac_actid=read.optional_text("MAPPER_AC_ACTID"),
+        ac_event_key=read.secret("MAPPER_AC_EVENT_KEY", min_length=1),
+        ac_track_url=read.text("MAPPER_AC_TRACK_URL", DEFAULT_TRACK_URL),
+        ac_timeout=read.decimal("MAPPER_AC_TIMEOUT", 10.0),
+        allowed_hosts=read.lower_list("MAPPER_ALLOWED_HOSTS"),
+        allowed_origins=read.lower_list("MAPPER_ALLOWED_ORIGINS"),
+        default_redirect=read.optional_text("MAPPER_DEFAULT_REDIRECT"),
+        track_max_bytes=read.number("MAPPER_TRACK_MAX_BYTES", 8192),
+        delivery_batch_size=read.number("MAPPER_DELIVERY_BATCH_SIZE", 50),
+        delivery_interval=read.decimal("MAPPER_DELIVERY_INTERVAL", 1.0),
+        delivery_lease=read.decimal("MAPPER_DELIVERY_LEASE", 60.0),
+        host=read.text("MAPPER_HOST", "127.0.0.1"),
+        port=read.number("MAPPER_PORT", 8000),
+    )
+
+
+class _Reader:
+    """Casts raw setting values, with errors that never echo the value."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def _raw(self, key: str) -> str | None:
+        value: str | None = self._config(key, default=None)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, key: str, default: str) -> str:
+        return self._raw(key) or default
+
+    def optional_text(self, key: str) -> str | None:
+        return self._raw(key)
+
+    def optional_url(self, key: str) -> str | None:
+        value = self._raw(key)
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise SettingsError(f"{key} must be an http:// or https:// URL.")
+        return value.rstrip("/") if value else None
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{key} must be true or false.")
+
+    def number(self, key: str, default: int) -> int:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if not value.isdigit() or int(value) == 0:
+            raise SettingsError(f"{key} must be a positive whole number.")
+        return int(value)
+
+    def decimal(self, key: str, default: float) -> float:
+        value = self._raw(key)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not number > 0:
+            raise SettingsError(f"{key} must be a positive number of seconds.")
+        return number
+
+    def lower_list(self, key: str) -> tuple[str, ...]:
+        value = self._raw(key) or ""
+        items = (item.strip().lower().rstrip("/") for item in value.split(","))
+        return tuple(item for item in items if item)
+
+    def secret(self, key: str, *, min_length: int = MIN_SECRET_LENGTH) -> Secret | None:
+        value = self._raw(key)
+        if value is None:
+            return None
+        _check_secret(key, value, min_length)
+        return Secret(value)
+
+    def secret_list(self, key: str) -> tuple[Secret, ...]:
+        value = self._raw(key) or ""
+        keys = [item.strip() for item in value.split(",") if item.strip()]
+        for item in keys:
+            _check_secret(key, item, MIN_SECRET_LENGTH)
+        return tuple(Secret(item) for item in keys)
+
+
+def _check_secret(key: str, value: str, min_length: int) -> None:
+    if value.lower() in PLACEHOLDERS:
+        raise SettingsError(f"{key} is still a placeholder; set a real value.")
+    if len(value) < min_length:
+        raise SettingsError(f"{key} must be at least {min_length} characters long.")
+
+
+def require_secret_keys(settings: Settings) -> None:
+    """Stop a process that signs cookies from starting without a key."""
+    if not settings.secret_keys:
+        raise SettingsError(
+            "MAPPER_SECRET_KEYS is not set. Set it to a random value of at least "
+            f"{MIN_SECRET_LENGTH} characters (newest key last when rotating)."
+        )

@@ -1,0 +1,145 @@
+"""Event intake: `POST /track` from the browser, stored in the outbox.
+
+The browser sends only an event name, its data and an optional client id;
+who the visitor is comes from the signed cookie. The answer is 202 once
+the event is committed, without waiting for AC.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from mapper.errors import BadRequest
+from mapper.store import add_event, run_transaction, touch_visitor
+from mapper.tokens import VisitorId
+from mapper.web import (
+    Runtime,
+    media_type,
+    read_body,
+    runtime,
+    set_visitor_cookie,
+    visitor_from_cookie,
+)
+
+MAX_EVENT_NAME = 32
+# AC documents only the length limit. Integrations keep names to letters,
+# digits, space, dash and underscore, so mapper accepts no more than that.
+EVENT_NAME = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9 _-]*[A-Za-z0-9_-])?")
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# sendBeacon can only send text/plain without a CORS preflight.
+BODY_TYPES = {"application/json", "text/plain"}
+
+
+@dataclass(frozen=True)
+class TrackedEvent:
+    """A checked event, ready for the outbox; independent of the HTTP shape."""
+
+    name: str
+    data: str | None
+    client_id: str | None
+
+
+async def track(request: Request) -> JSONResponse:
+    """Accept one event for the cookie's visitor and queue it for AC."""
+    state = runtime(request)
+    check_origin(request, state)
+    if media_type(request) not in BODY_TYPES:
+        raise BadRequest(
+            "Expected a JSON body (application/json or text/plain).", status=415
+        )
+    body = await read_body(request, limit=state.settings.track_max_bytes)
+    event = parse_event(body)
+
+    visitor_id = await run_in_threadpool(
+        accept_event, state, visitor_from_cookie(request), event
+    )
+    response = JSONResponse({"accepted": True}, status_code=202)
+    set_visitor_cookie(response, state, visitor_id)
+    return response
+
+
+def check_origin(request: Request, state: Runtime) -> None:
+    """Refuse a browser request sent from a page on a foreign origin.
+
+    CORS only hides the answer from such a page; a beacon would still be
+    stored, so the check is made here as well.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    own = f"{request.url.scheme}://{request.url.netloc}".lower()
+    if origin.lower() != own and origin.lower() not in state.settings.allowed_origins:
+        raise BadRequest("Origin not allowed.", status=403)
+
+
+def parse_event(body: bytes) -> TrackedEvent:
+    """Check a `/track` body; raise `BadRequest` naming the bad field."""
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("Expected a UTF-8 JSON object.") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("Expected a JSON object.")
+    return TrackedEvent(
+        name=_event_name(payload.get("event")),
+        data=_event_data(payload.get("data")),
+        client_id=_client_id(payload.get("id")),
+    )
+
+
+def _event_name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRequest('Expected "event" to be a non-empty string.', status=422)
+    if len(value) > MAX_EVENT_NAME:
+        raise BadRequest(
+            f'Expected "event" of at most {MAX_EVENT_NAME} characters.', status=422
+        )
+    if not EVENT_NAME.fullmatch(value):
+        raise BadRequest(
+            'Expected "event" of letters, digits, spaces, "-" and "_".', status=422
+        )
+    return value
+
+
+def _event_data(value: Any) -> str | None:
+    # AC stores one string per event; any other JSON value is sent as its
+    # JSON text.
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _client_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CLIENT_ID.fullmatch(value):
+        raise BadRequest(
+            'Expected "id" of 1 to 64 letters, digits or ". _ : -".', status=422
+        )
+    return value
+
+
+def accept_event(
+    state: Runtime, visitor_id: VisitorId | None, event: TrackedEvent
+) -> VisitorId:
+    """Store `event` for the visitor (new if unknown); return the visitor id."""
+
+    def store(session: Any) -> VisitorId:
+        visitor = touch_visitor(session, visitor_id)
+        add_event(
+            session,
+            visitor,
+            name=event.name,
+            data=event.data,
+            client_id=event.client_id,
+        )
+        return VisitorId(visitor.public_id)
+
+    return run_transaction(state.sessions, store)

@@ -1,0 +1,99 @@
+"""What the HTTP endpoints share: the runtime, bounded bodies, the cookie.
+
+The visitor cookie carries only a signed random id; see `mapper.tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mapper.clients import ACClient
+from mapper.errors import BadRequest
+from mapper.settings import Settings
+from mapper.tokens import VisitorId, VisitorSigner
+
+UNKNOWN_HASH_TTL = 600.0
+UNKNOWN_HASH_LIMIT = 10_000
+
+
+class UnknownHashes:
+    """Hashes AC recently said it does not know, so a link clicked again
+    (or a guessing client) does not spend AC's request budget each time."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def __contains__(self, ac_hash: str) -> bool:
+        return self._until.get(ac_hash, 0.0) > time.monotonic()
+
+    def add(self, ac_hash: str) -> None:
+        if len(self._until) >= UNKNOWN_HASH_LIMIT:
+            self._until.clear()
+        self._until[ac_hash] = time.monotonic() + UNKNOWN_HASH_TTL
+
+
+@dataclass
+class Runtime:
+    """The long-lived objects one app instance works with."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    signer: VisitorSigner
+    ac: ACClient
+    unknown_hashes: UnknownHashes = field(default_factory=lambda: UnknownHashes())
+
+
+def runtime(request: Request) -> Runtime:
+    found = request.app.state.runtime
+    assert isinstance(found, Runtime)
+    return found
+
+
+async def read_body(request: Request, *, limit: int) -> bytes:
+    """Read the request body, refusing with 413 once it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(f"Expected a body of at most {limit} bytes.", status=413)
+
+
+def media_type(request: Request) -> str:
+    """The request's content type without parameters, lowercased."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def visitor_from_cookie(request: Request) -> VisitorId | None:
+    """The visitor id from a good cookie, or None for a new anonymous visitor."""
+    state = runtime(request)
+    return state.signer.verify(request.cookies.get(state.settings.cookie_name))
+
+
+def set_visitor_cookie(response: Response, state: Runtime, visitor: VisitorId) -> None:
+    """Give the browser a freshly signed cookie, which restarts its lifetime."""
+    settings = state.settings
+    response.set_cookie(
+        settings.cookie_name,
+        state.signer.sign(visitor),
+        max_age=settings.cookie_max_age,
+        path="/",
+        secure=settings.cookie_secure,
+        httponly=True,
+        samesite="lax",
+    )
+    # A response that sets a visitor cookie is never shared by a cache.
+    response.headers["Cache-Control"] = "no-store"

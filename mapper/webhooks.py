@@ -1,0 +1,121 @@
+"""The AC webhook receiver, which keeps contacts and their emails current.
+
+AC posts form bodies with bracketed keys (`contact[id]`, `contact[email]`)
+and does not sign them, so the secret in the URL is the authentication.
+AC delivers at least once and never retries, and it disables a webhook
+that answers 410, so this endpoint is idempotent and never says 410.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from mapper.emails import normalize_email
+from mapper.errors import BadRequest, InvalidEmail
+from mapper.models import utcnow
+from mapper.store import ContactFacts, record_contact, run_transaction
+from mapper.web import media_type, read_body, runtime
+
+MAX_WEBHOOK_BYTES = 256 * 1024
+MAX_FIELDS = 1000
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+# The contact events that carry the contact block, and the status each
+# leaves the contact in (None: unchanged).
+CONTACT_EVENTS: dict[str, str | None] = {
+    "subscribe": "active",
+    "update": None,
+    "unsubscribe": "unsubscribed",
+    "contact_tag_added": None,
+    "contact_tag_removed": None,
+}
+
+
+async def activecampaign_webhook(request: Request) -> JSONResponse:
+    """Record the contact a webhook describes; ignore kinds we do not use."""
+    state = runtime(request)
+    _check_secret(request.path_params.get("secret", ""), state.settings.webhook_secret)
+    form = await _read_form(request)
+
+    kind = _required(form, "type")
+    if kind not in CONTACT_EVENTS:
+        return JSONResponse({"stored": False, "reason": "Event type not used."})
+
+    facts = contact_facts(form, kind)
+    await run_in_threadpool(
+        run_transaction, state.sessions, lambda session: record_contact(session, facts)
+    )
+    return JSONResponse({"stored": True})
+
+
+def _check_secret(given: str, expected: object) -> None:
+    # Without a configured secret nothing can match, so the endpoint is shut.
+    matches = expected is not None and hmac.compare_digest(
+        given.encode("utf-8"), str(expected).encode("utf-8")
+    )
+    if not matches:
+        raise BadRequest("Invalid webhook secret.", status=401)
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    if media_type(request) != FORM_TYPE:
+        raise BadRequest(f"Expected a {FORM_TYPE} body.", status=415)
+    body = await read_body(request, limit=MAX_WEBHOOK_BYTES)
+    try:
+        pairs = parse_qsl(
+            body.decode("ascii"),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("Expected a form body percent-encoded as UTF-8.") from exc
+    return dict(pairs)
+
+
+def _required(form: dict[str, str], field: str) -> str:
+    value = form.get(field, "").strip()
+    if not value:
+        raise BadRequest(f'Expected a non-empty "{field}" field.', status=422)
+    return value
+
+
+def contact_facts(form: dict[str, str], kind: str) -> ContactFacts:
+    """Check a contact webhook's fields and turn them into `ContactFacts`."""
+    ac_contact_id = _required(form, "contact[id]")
+    if not ac_contact_id.isdigit() or len(ac_contact_id) > 20:
+        raise BadRequest('Expected "contact[id]" to be a numeric AC id.', status=422)
+    try:
+        email = normalize_email(_required(form, "contact[email]"))
+    except InvalidEmail as exc:
+        raise BadRequest(f'Field "contact[email]": {exc}', status=422) from exc
+
+    return ContactFacts(
+        ac_contact_id=ac_contact_id,
+        email=email,
+        as_of=_parse_time(form.get("date_time", "")),
+        source="webhook",
+        status=CONTACT_EVENTS[kind],
+    )
+
+
+def _parse_time(value: str) -> datetime:
+    # A webhook without a time is taken as news from now.
+    if not value.strip():
+        return utcnow()
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise BadRequest(
+            'Expected "date_time" as ISO 8601, like 2024-05-02T08:30:00-05:00.',
+            status=422,
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -1,0 +1,1 @@
+"""Tests for mapper, and the fake ActiveCampaign they run against."""
