@@ -144,7 +144,9 @@ def _result_from_track(response: httpx.Response) -> DeliveryResult:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        return DeliveryResult("refused", f"AC answered HTTP {status} with no JSON.")
+        # An HTML page is a proxy or maintenance screen in front of AC, not
+        # AC judging the event, so the event is kept for another try.
+        return DeliveryResult("retry", f"AC answered HTTP {status} without JSON.")
 
     message = str(body.get("message", ""))[:MAX_MESSAGE]
     # Only the documented success marker counts: an empty object, a string

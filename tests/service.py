@@ -59,15 +59,20 @@ class MapperProcess:
     def start(self) -> None:
         upgraded = self.run_cli("db", "upgrade")
         assert upgraded.returncode == 0, upgraded.stderr
-        log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "mapper", "serve"],
-            cwd=self.folder,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_until_up()
+        # The child keeps its own handle on the log; ours closes at once.
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "mapper", "serve"],
+                cwd=self.folder,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            self._wait_until_up()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_until_up(self) -> None:
         deadline = time.monotonic() + 20

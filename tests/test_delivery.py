@@ -1,0 +1,249 @@
+"""The delivery loop against the fake AC over loopback, on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
+from starlette.testclient import TestClient
+
+from mapper.clients import ACClient
+from mapper.db import make_sessionmaker
+from mapper.delivery import DeliveryWorker, backoff, claim_due
+from mapper.models import Event, utcnow
+from mapper.settings import Settings
+from tests.conftest import WEBHOOK_SECRET, make_settings
+from tests.fake_ac import FakeAC
+from tests.helpers import FORM, contact_webhook, events
+
+HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
+ORIGIN = {"Origin": "https://shop.example", "Content-Type": "application/json"}
+
+
+def _identified_events(client: TestClient, fake_ac: FakeAC, *names: str) -> None:
+    fake_ac.add_contact(contact_id="42", email="alice@example.com", hash=HASH)
+    client.get("/go", params={"h": HASH, "to": "https://shop.example/"})
+    for name in names:
+        body = json.dumps({"event": name, "data": {"plan": "pro"}})
+        client.post("/track", content=body, headers=ORIGIN)
+
+
+def _deliver(settings: Settings, engine: Engine) -> int:
+    async def round_trip() -> int:
+        client = ACClient(settings)
+        worker = DeliveryWorker(settings, make_sessionmaker(engine), client)
+        try:
+            return await worker.deliver_round()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(round_trip())
+
+
+def test_delivery_posts_documented_form(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "viewed_pricing")
+    fake_ac.reset()
+
+    _deliver(settings, engine)
+
+    [request] = fake_ac.requests
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.form == {
+        "actid": fake_ac.actid,
+        "key": fake_ac.event_key,
+        "event": "viewed_pricing",
+        "eventdata": '{"plan":"pro"}',
+        "visit": '{"email": "alice@example.com"}',
+    }
+    assert events(engine)[0].status == "delivered"
+
+
+def test_delivery_uses_current_email(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "viewed_pricing")
+    changed = contact_webhook(email="alice.new@example.com", date_time="2099-01-01")
+    client.post(
+        f"/webhooks/activecampaign/{WEBHOOK_SECRET}", content=changed, headers=FORM
+    )
+
+    _deliver(settings, engine)
+
+    assert fake_ac.events()[0]["visit"] == '{"email": "alice.new@example.com"}'
+
+
+def test_delivery_without_data_omits_field(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac)
+    client.post("/track", content=b'{"event": "bare"}', headers=ORIGIN)
+
+    _deliver(settings, engine)
+
+    assert "eventdata" not in fake_ac.events()[0]
+
+
+def test_delivery_no_lookup_per_event(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, *[f"event_{n}" for n in range(30)])
+    lookups_before = fake_ac.lookups()
+
+    while _deliver(settings, engine):
+        pass
+
+    assert len(fake_ac.events()) == 30
+    assert fake_ac.lookups() == lookups_before == 1
+
+
+def test_delivery_keeps_held_events(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    client.post("/track", content=b'{"event": "anonymous"}', headers=ORIGIN)
+
+    attempted = _deliver(settings, engine)
+
+    assert attempted == 0
+    assert fake_ac.requests == []
+    assert events(engine)[0].status == "held"
+
+
+def test_delivery_refusal_recorded(
+    client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "refused")
+    wrong_key = make_settings(database_url, fake_ac, MAPPER_AC_EVENT_KEY="wrong-key")
+
+    _deliver(wrong_key, engine)
+
+    [event] = events(engine)
+    assert event.status == "dead"
+    assert event.last_error and "key" in event.last_error.lower()
+
+
+@pytest.mark.parametrize("mode", ["down", "error", "html", "rate_limit"])
+def test_delivery_retries_later(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC, mode: str
+) -> None:
+    _identified_events(client, fake_ac, "one", "two")
+    fake_ac.set_mode(mode, retry_after=120)
+
+    _deliver(settings, engine)
+
+    first, second = events(engine)
+    assert (first.status, first.attempts, second.attempts) == ("pending", 1, 0)
+    assert first.next_attempt_at > utcnow() and first.lease_until is None
+    assert second.lease_until is None
+
+
+def test_delivery_honours_retry_after(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "limited")
+    fake_ac.set_mode("rate_limit", retry_after=300)
+
+    _deliver(settings, engine)
+
+    wait = events(engine)[0].next_attempt_at - utcnow()
+    assert timedelta(seconds=290) < wait <= timedelta(seconds=300)
+
+
+def test_delivery_after_outage_delivers(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "survivor")
+    fake_ac.set_mode("error")
+    _deliver(settings, engine)
+    fake_ac.set_mode("up")
+    with Session(engine) as session, session.begin():
+        session.execute(update(Event).values(next_attempt_at=utcnow()))
+
+    _deliver(settings, engine)
+
+    assert events(engine)[0].status == "delivered"
+    assert len(fake_ac.events()) == 1
+
+
+def test_claim_due_leases_rows(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "leased")
+    sessions = make_sessionmaker(engine)
+
+    first = claim_due(sessions, limit=10, lease=60)
+    second = claim_due(sessions, limit=10, lease=60)
+
+    assert [claim.name for claim in first] == ["leased"]
+    assert second == []
+
+
+def test_claim_due_expired_lease_reclaimed(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "crashed")
+    sessions = make_sessionmaker(engine)
+    claim_due(sessions, limit=10, lease=60)
+    with Session(engine) as session, session.begin():
+        past = utcnow() - timedelta(seconds=1)
+        session.execute(update(Event).values(lease_until=past))
+
+    again = claim_due(sessions, limit=10, lease=60)
+
+    assert [claim.name for claim in again] == ["crashed"]
+
+
+def test_worker_without_credentials_logs_once(
+    database_url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(database_url, None)
+
+    async def run() -> None:
+        client = ACClient(settings)
+        worker = DeliveryWorker(settings, make_sessionmaker(engine), client)
+        await asyncio.wait_for(worker.run(asyncio.Event()), timeout=5)
+        await client.aclose()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(run())
+
+    [record] = caplog.records
+    assert "paused" in record.getMessage()
+
+
+def test_worker_runs_until_stopped(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "looped")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        ac = ACClient(settings)
+        task = asyncio.create_task(
+            DeliveryWorker(settings, make_sessionmaker(engine), ac).run(stop)
+        )
+        for _ in range(100):
+            if fake_ac.events():
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        await ac.aclose()
+
+    asyncio.run(run())
+
+    assert events(engine)[0].status == "delivered"
+
+
+def test_backoff_grows_and_caps() -> None:
+    delays = [backoff(attempt).total_seconds() for attempt in (1, 2, 5, 40)]
+
+    assert 1.6 <= delays[0] <= 2.4
+    assert delays[0] < delays[1] < delays[2]
+    assert delays[3] <= 3600 * 1.2

@@ -1,0 +1,251 @@
+"""Event intake `/track`: validation, de-duplication, holding, and CORS."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx2
+import pytest
+from sqlalchemy import Engine
+from starlette.testclient import TestClient
+
+from tests.fake_ac import FakeAC
+from tests.helpers import events, visitors
+
+HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
+PAGE = "https://shop.example/"
+ORIGIN = {"Origin": "https://shop.example"}
+
+
+def _track(client: TestClient, payload: object, **headers: str) -> httpx2.Response:
+    return client.post(
+        "/track",
+        content=json.dumps(payload),
+        headers={"Content-Type": "application/json", **ORIGIN, **headers},
+    )
+
+
+def _identify(client: TestClient, fake_ac: FakeAC) -> None:
+    fake_ac.add_contact(contact_id="42", email="alice@example.com", hash=HASH)
+    client.get("/go", params={"h": HASH, "to": PAGE})
+
+
+def test_track_identified_is_pending(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identify(client, fake_ac)
+
+    response = _track(client, {"event": "viewed_pricing", "data": "plan=pro"})
+
+    assert response.status_code == 202
+    [event] = events(engine)
+    assert (event.status, event.name, event.data) == (
+        "pending",
+        "viewed_pricing",
+        "plan=pro",
+    )
+    assert event.contact_id is not None
+
+
+def test_track_anonymous_is_held(client: TestClient, engine: Engine) -> None:
+    response = _track(client, {"event": "viewed_pricing"})
+
+    assert response.status_code == 202
+    assert "mapper_vid=mv1." in response.headers["set-cookie"]
+    assert [event.status for event in events(engine)] == ["held"]
+
+
+def test_track_held_released_on_identify(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _track(client, {"event": "first"})
+    _track(client, {"event": "second"})
+
+    _identify(client, fake_ac)
+
+    released = events(engine)
+    assert [event.status for event in released] == ["pending", "pending"]
+    assert {event.contact_id for event in released} == {visitors(engine)[0].contact_id}
+
+
+def test_track_text_plain_accepted(client: TestClient, engine: Engine) -> None:
+    response = client.post(
+        "/track",
+        content=json.dumps({"event": "beacon"}),
+        headers={"Content-Type": "text/plain;charset=UTF-8", **ORIGIN},
+    )
+
+    assert response.status_code == 202
+    assert events(engine)[0].name == "beacon"
+
+
+@pytest.mark.parametrize(
+    ("data", "stored"),
+    [
+        pytest.param("plain text", "plain text", id="string"),
+        pytest.param({"plan": "pro", "n": 2}, '{"plan":"pro","n":2}', id="object"),
+        pytest.param([1, "two"], '[1,"two"]', id="list"),
+        pytest.param(12.5, "12.5", id="number"),
+        pytest.param(True, "true", id="bool"),
+        pytest.param(None, None, id="null"),
+        pytest.param("caf\u00e9", "caf\u00e9", id="unicode"),
+    ],
+)
+def test_track_data_as_string(
+    client: TestClient, engine: Engine, data: object, stored: str | None
+) -> None:
+    _track(client, {"event": "e", "data": data})
+
+    assert events(engine)[0].data == stored
+
+
+def test_track_client_id_deduplicates(client: TestClient, engine: Engine) -> None:
+    payload = {"event": "clicked", "id": "2f1c-retry-1"}
+
+    first = _track(client, payload)
+    second = _track(client, payload)
+
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert len(events(engine)) == 1
+
+
+def test_track_same_id_other_visitor_kept(client: TestClient, engine: Engine) -> None:
+    payload = {"event": "clicked", "id": "same-id"}
+
+    _track(client, payload)
+    client.cookies.clear()
+    _track(client, payload)
+
+    assert len(events(engine)) == 2
+
+
+def test_track_event_name_32_chars_ok(client: TestClient, engine: Engine) -> None:
+    response = _track(client, {"event": "n" * 32})
+
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        pytest.param(b"{not json", 400, "JSON", id="malformed"),
+        pytest.param(b"\xff\xfe{}", 400, "UTF-8", id="not-utf8"),
+        pytest.param(b"[1, 2]", 400, "object", id="array"),
+        pytest.param(b"{}", 422, '"event"', id="no-event"),
+        pytest.param(b'{"event": ""}', 422, '"event"', id="empty-event"),
+        pytest.param(b'{"event": 5}', 422, '"event"', id="number-event"),
+        pytest.param(json.dumps({"event": "n" * 33}).encode(), 422, "32", id="long"),
+        pytest.param(b'{"event": "a<b"}', 422, '"event"', id="bad-chars"),
+        pytest.param(b'{"event": " lead"}', 422, '"event"', id="leading-space"),
+        pytest.param(b'{"event": "e", "id": 7}', 422, '"id"', id="number-id"),
+        pytest.param(b'{"event": "e", "id": ""}', 422, '"id"', id="empty-id"),
+        pytest.param(
+            json.dumps({"event": "e", "id": "x" * 65}).encode(),
+            422,
+            '"id"',
+            id="long-id",
+        ),
+    ],
+)
+def test_track_bad_body_refused(
+    client: TestClient, engine: Engine, body: bytes, status: int, field: str
+) -> None:
+    response = client.post(
+        "/track", content=body, headers={"Content-Type": "application/json", **ORIGIN}
+    )
+
+    assert response.status_code == status
+    assert field in response.json()["error"]
+    assert events(engine) == []
+
+
+def test_track_oversized_is_413(client: TestClient, engine: Engine) -> None:
+    response = _track(client, {"event": "big", "data": "x" * 10_000})
+
+    assert response.status_code == 413
+    assert events(engine) == []
+
+
+def test_track_oversized_without_length_413(client: TestClient, engine: Engine) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"event": "big", "data": "'
+        for _ in range(20):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = client.post(
+        "/track",
+        content=chunks(),
+        headers={"Content-Type": "application/json", **ORIGIN},
+    )
+
+    assert response.status_code == 413
+    assert events(engine) == []
+
+
+def test_track_wrong_content_type_415(client: TestClient, engine: Engine) -> None:
+    response = client.post("/track", data={"event": "x"}, headers=ORIGIN)
+
+    assert response.status_code == 415
+    assert events(engine) == []
+
+
+def test_track_foreign_origin_refused(client: TestClient, engine: Engine) -> None:
+    response = _track(client, {"event": "csrf"}, Origin="https://evil.example")
+
+    assert response.status_code == 403
+    assert "access-control-allow-origin" not in response.headers
+    assert events(engine) == []
+
+
+def test_track_no_origin_accepted(client: TestClient, engine: Engine) -> None:
+    response = client.post(
+        "/track", content=b'{"event": "server"}', headers={"Content-Type": "text/plain"}
+    )
+
+    assert response.status_code == 202
+    assert len(events(engine)) == 1
+
+
+def test_track_cors_allowed_origin(client: TestClient) -> None:
+    response = _track(client, {"event": "cors"})
+
+    headers = response.headers
+    assert headers["access-control-allow-origin"] == "https://shop.example"
+    assert headers["access-control-allow-credentials"] == "true"
+
+
+def test_track_preflight_foreign_origin(client: TestClient) -> None:
+    response = client.options(
+        "/track",
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "POST",
+        },
+    )
+
+    assert response.status_code == 400
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_track_tampered_cookie_new_visitor(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identify(client, fake_ac)
+    forged = client.cookies["mapper_vid"][:-4] + "AAAA"
+    client.cookies.clear()
+    client.cookies.set("mapper_vid", forged, domain="mapper.shop.example")
+
+    _track(client, {"event": "after-tamper"})
+
+    assert [event.status for event in events(engine)] == ["held"]
+    assert len(visitors(engine)) == 2
+
+
+def test_track_refreshes_cookie(client: TestClient) -> None:
+    first = _track(client, {"event": "one"})
+    second = _track(client, {"event": "two"})
+
+    for response in (first, second):
+        assert "Max-Age=34560000" in response.headers["set-cookie"]
