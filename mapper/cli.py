@@ -80,7 +80,6 @@ def serve(host: str | None, port: int | None) -> None:
         log_config=None,
         proxy_headers=False,
     )
-    logger.info("mapper has stopped.")
 
 
 @main.group()

@@ -34,7 +34,11 @@ class MapperProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = folder / "mapper.log"
+        # Only coverage's own variables pass through, so that the process
+        # sees no setting of the test run's.
+        passed = {k: v for k, v in os.environ.items() if k.startswith("COVERAGE")}
         self.env = {
+            **passed,
             "PATH": os.environ.get("PATH", ""),
             "MAPPER_DATABASE_URL": f"sqlite:///{folder / 'mapper.db'}",
             "MAPPER_SECRET_KEYS": SECRET_KEY,

@@ -1,0 +1,116 @@
+"""The schema and its guarantees, checked on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.orm import Session
+
+from mapper.db import check_schema, engine_url, make_engine, upgrade
+from mapper.errors import SchemaError
+from mapper.models import Contact, Visitor
+from tests.helpers import contacts
+
+
+def _contact(email: str, ac_id: str) -> Contact:
+    return Contact(ac_contact_id=ac_id, email=email, source="test")
+
+
+def test_email_unique_in_database(engine: Engine) -> None:
+    with Session(engine) as session:
+        session.add_all(
+            [_contact("a@example.com", "1"), _contact("a@example.com", "2")]
+        )
+
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_ac_hash_unique_in_database(engine: Engine) -> None:
+    with Session(engine) as session:
+        for ac_id in ("1", "2"):
+            row = _contact(f"{ac_id}@example.com", ac_id)
+            row.ac_hash = "a" * 32
+            session.add(row)
+
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_times_read_back_utc(engine: Engine) -> None:
+    moment = datetime(2024, 5, 2, 8, 30, tzinfo=timezone(timedelta(hours=-5)))
+    with Session(engine) as session, session.begin():
+        row = _contact("a@example.com", "1")
+        row.ac_updated_at = moment
+        session.add(row)
+
+    [stored] = contacts(engine)
+
+    assert stored.ac_updated_at == moment
+    assert stored.ac_updated_at is not None and stored.ac_updated_at.tzinfo == UTC
+
+
+def test_naive_time_refused(engine: Engine) -> None:
+    with Session(engine) as session:
+        session.add(Visitor(public_id="v", last_seen_at=datetime(2024, 1, 1)))
+
+        with pytest.raises(StatementError):
+            session.commit()
+
+
+def test_check_schema_current_passes(engine: Engine) -> None:
+    check_schema(engine)
+
+
+def test_check_schema_empty_database(tmp_path: object) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/empty.db")
+
+    with pytest.raises(SchemaError, match="mapper db upgrade"):
+        check_schema(engine)
+
+
+def test_upgrade_is_repeatable(database_url: str, engine: Engine) -> None:
+    upgrade(database_url)
+
+    check_schema(engine)
+
+
+def test_downgrade_then_upgrade(database_url: str, engine: Engine) -> None:
+    from alembic import command
+
+    from mapper.db import alembic_config
+
+    command.downgrade(alembic_config(database_url), "base")
+    upgrade(database_url)
+
+    check_schema(engine)
+
+
+def test_sqlite_pragmas_applied(tmp_path: object) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/p.db")
+
+    with engine.connect() as connection:
+        mode = connection.execute(text("PRAGMA journal_mode")).scalar()
+        keys = connection.execute(text("PRAGMA foreign_keys")).scalar()
+
+    assert (mode, keys) == ("wal", 1)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:p@h/db", "postgresql+psycopg://u:p@h/db"),
+        ("postgres://u:p@h/db", "postgresql+psycopg://u:p@h/db"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+    ],
+)
+def test_engine_url_picks_driver(url: str, expected: str) -> None:
+    assert engine_url(url) == expected
+
+
+def test_engine_hides_parameters(engine: Engine) -> None:
+    assert engine.hide_parameters
+    assert not create_engine("sqlite://").hide_parameters
