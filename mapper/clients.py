@@ -74,7 +74,7 @@ class ACClient:
         in its documented form.
         """
         settings = self._settings
-        if settings.ac_api_url is None or settings.ac_api_key is None:
+        if not settings.lookup_configured:
             return None
         params = {
             "api_action": "contact_view_hash",

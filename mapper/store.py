@@ -41,14 +41,15 @@ def run_transaction(sessions: sessionmaker[Session], work: Callable[[Session], T
     Two deliveries of the same webhook can both try to insert a contact;
     the loser sees the winner's row on its next attempt.
     """
-    for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+    attempt = 1
+    while True:
         try:
             with sessions.begin() as session:
                 return work(session)
         except (IntegrityError, OperationalError):
             if attempt == TRANSACTION_ATTEMPTS:
                 raise
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _insert(session: Session, model: type[Any]) -> postgresql.Insert | sqlite.Insert:
@@ -133,11 +134,6 @@ def _held_elsewhere(session: Session, facts: ContactFacts) -> bool:
 
 def find_contact_by_hash(session: Session, ac_hash: str) -> Contact | None:
     return session.scalars(select(Contact).where(Contact.ac_hash == ac_hash)).first()
-
-
-def find_contact_by_ac_id(session: Session, ac_contact_id: str) -> Contact | None:
-    query = select(Contact).where(Contact.ac_contact_id == ac_contact_id)
-    return session.scalars(query).first()
 
 
 def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:

@@ -12,9 +12,9 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
-from mapper.clients import ACClient
-from mapper.db import make_sessionmaker
-from mapper.delivery import DeliveryWorker, backoff, claim_due
+from mapper.clients import ACClient, DeliveryResult
+from mapper.db import make_engine, make_sessionmaker
+from mapper.delivery import DeliveryWorker, backoff, claim_due, record_result
 from mapper.models import Event, utcnow
 from mapper.settings import Settings
 from tests.conftest import WEBHOOK_SECRET, make_settings
@@ -247,3 +247,61 @@ def test_backoff_grows_and_caps() -> None:
     assert 1.6 <= delays[0] <= 2.4
     assert delays[0] < delays[1] < delays[2]
     assert delays[3] <= 3600 * 1.2
+
+
+def test_worker_pauses_after_rate_limit(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "first", "second")
+    fake_ac.set_mode("rate_limit", retry_after=60)
+
+    async def two_rounds() -> tuple[int, int, float]:
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, make_sessionmaker(engine), ac)
+        first = await worker.deliver_round()
+        second = await worker.deliver_round()
+        idle = worker._idle_time()
+        await ac.aclose()
+        return first, second, idle
+
+    first, second, idle = asyncio.run(two_rounds())
+
+    assert (first, second) == (1, 0)
+    assert 50 < idle <= 60
+    assert len(fake_ac.requests) - 1 == 1
+
+
+def test_record_result_event_gone(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "erased")
+    sessions = make_sessionmaker(engine)
+    [claim] = claim_due(sessions, limit=10, lease=60)
+    with Session(engine) as session, session.begin():
+        session.query(Event).delete()
+
+    record_result(sessions, claim, DeliveryResult("delivered", "Event spawned"))
+
+    assert events(engine) == []
+
+
+def test_worker_survives_failed_round(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database that cannot be opened fails every round.
+    unreachable = make_sessionmaker(make_engine("sqlite:////nonexistent/dir/x.db"))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, unreachable, ac)
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await task
+        await ac.aclose()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(run())
+
+    assert "Delivery round failed" in caplog.text

@@ -187,6 +187,16 @@ def test_serve_refuses_missing_secret(tmp_path: Path) -> None:
     assert "MAPPER_SECRET_KEYS" in result.stderr
 
 
+def test_cli_bad_setting_named(tmp_path: Path) -> None:
+    process = MapperProcess(tmp_path, {"MAPPER_PORT": "eighty"})
+
+    result = process.run_cli("db", "upgrade")
+
+    assert result.returncode != 0
+    assert "MAPPER_PORT must be a positive whole number" in result.stderr
+    assert "eighty" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -64,3 +64,33 @@ def test_load_settings_refuses_bad_value(key: str, value: str) -> None:
 def test_require_secret_keys_when_missing() -> None:
     with pytest.raises(SettingsError, match="MAPPER_SECRET_KEYS"):
         require_secret_keys(load_settings({}, env_file=None))
+
+
+def test_missing_env_file_ignored(tmp_path: Path) -> None:
+    settings = load_settings({}, env_file=tmp_path / "absent.env")
+
+    assert settings.port == 8000
+
+
+@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("OFF", False)])
+def test_flag_words_accepted(value: str, expected: bool) -> None:
+    settings = load_settings({"MAPPER_COOKIE_SECURE": value}, env_file=None)
+
+    assert settings.cookie_secure is expected
+
+
+def test_lists_and_numbers_cast() -> None:
+    settings = load_settings(
+        {
+            "MAPPER_ALLOWED_HOSTS": " Shop.Example , ,www.shop.example",
+            "MAPPER_AC_TIMEOUT": "2.5",
+            "MAPPER_AC_API_URL": "https://acct.api-us1.com/",
+            "MAPPER_AC_API_KEY": "k",
+        },
+        env_file=None,
+    )
+
+    assert settings.allowed_hosts == ("shop.example", "www.shop.example")
+    assert settings.ac_timeout == 2.5
+    assert settings.ac_api_url == "https://acct.api-us1.com"
+    assert settings.lookup_configured

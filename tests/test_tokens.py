@@ -87,3 +87,8 @@ def test_verify_refuses_expired_and_future() -> None:
     assert signer.verify(stamped(now - 3600)) is None
     assert signer.verify(stamped(now + 3600)) is None
     assert signer.verify(stamped(now)) is not None
+
+
+def test_signer_needs_a_key() -> None:
+    with pytest.raises(ValueError, match="signing key"):
+        VisitorSigner([], max_age=60)

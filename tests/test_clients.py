@@ -1,0 +1,98 @@
+"""Reading AC's answers: hash lookups and event posts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from mapper.clients import _contact_from_view, _result_from_track, _retry_after
+from mapper.errors import ACUnavailable
+
+HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({}, id="empty"),
+        pytest.param([], id="list"),
+        pytest.param("text", id="string"),
+    ],
+)
+def test_view_without_result_code_unavailable(body: object) -> None:
+    with pytest.raises(ACUnavailable):
+        _contact_from_view(body, HASH)
+
+
+def test_view_accepts_integer_id() -> None:
+    answer = {"result_code": 1, "id": 42, "email": "a@EXAMPLE.com", "hash": HASH}
+
+    found = _contact_from_view(answer, HASH)
+
+    assert found is not None
+    assert (found.ac_contact_id, found.email) == ("42", "a@example.com")
+
+
+def _response(status: int, body: object = None, **headers: str) -> httpx.Response:
+    if body is None:
+        return httpx.Response(status, text="<html>busy</html>", headers=headers)
+    return httpx.Response(status, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("response", "outcome"),
+    [
+        pytest.param(
+            _response(200, {"success": 1, "message": "Event spawned"}),
+            "delivered",
+            id="spawned",
+        ),
+        pytest.param(_response(200, {"success": "1"}), "refused", id="string-one"),
+        pytest.param(_response(200, {"success": True}), "refused", id="true"),
+        pytest.param(
+            _response(200, {"success": 0, "message": "No"}), "refused", id="zero"
+        ),
+        pytest.param(_response(400, {}), "refused", id="documented-400"),
+        pytest.param(_response(201, {"success": 1}), "refused", id="not-200"),
+        pytest.param(_response(200), "retry", id="html"),
+        pytest.param(_response(502), "retry", id="bad-gateway"),
+        pytest.param(_response(429, {}), "retry", id="rate-limited"),
+    ],
+)
+def test_track_answers_classified(response: httpx.Response, outcome: str) -> None:
+    assert _result_from_track(response).outcome == outcome
+
+
+def test_track_refusal_keeps_message() -> None:
+    answer = _response(200, {"success": 0, "message": "Invalid key."})
+
+    assert _result_from_track(answer).message == "Invalid key."
+
+
+def test_retry_after_seconds() -> None:
+    moment = _retry_after("30")
+
+    assert moment is not None
+    assert timedelta(seconds=29) < moment - datetime.now(UTC) <= timedelta(seconds=30)
+
+
+def test_retry_after_http_date() -> None:
+    later = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+
+    moment = _retry_after(later.strftime("%a, %d %b %Y %H:%M:%S GMT"))
+
+    assert moment == later
+
+
+@pytest.mark.parametrize("value", [None, "soon", "-5", ""])
+def test_retry_after_unreadable(value: str | None) -> None:
+    assert _retry_after(value) is None
+
+
+def test_retry_after_past_date_is_now() -> None:
+    moment = _retry_after("Mon, 01 Jan 2001 00:00:00 -0000")
+
+    assert moment is not None and moment <= datetime.now(UTC)
+    assert moment > datetime.now(UTC) - timedelta(seconds=5)

@@ -1,0 +1,57 @@
+"""Store helpers that the endpoints rely on, on both databases."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from mapper.db import make_sessionmaker
+from mapper.store import run_transaction, touch_visitor
+from mapper.tokens import new_visitor_id
+from mapper.web import UNKNOWN_HASH_LIMIT, UnknownHashes
+from tests.helpers import visitors
+
+
+def test_run_transaction_gives_up(engine: Engine) -> None:
+    calls: list[int] = []
+
+    def always_conflicts(session: Session) -> None:
+        calls.append(1)
+        raise IntegrityError("INSERT", {}, Exception("conflict"))
+
+    with pytest.raises(IntegrityError):
+        run_transaction(make_sessionmaker(engine), always_conflicts)
+    assert len(calls) == 3
+
+
+def test_run_transaction_rolls_back(engine: Engine) -> None:
+    def fails_after_write(session: Session) -> None:
+        touch_visitor(session, None)
+        raise RuntimeError("after the write")
+
+    with pytest.raises(RuntimeError):
+        run_transaction(make_sessionmaker(engine), fails_after_write)
+    assert visitors(engine) == []
+
+
+def test_touch_visitor_unknown_id_new(engine: Engine) -> None:
+    sessions = make_sessionmaker(engine)
+    stale = new_visitor_id()
+
+    created = run_transaction(sessions, lambda s: touch_visitor(s, stale).public_id)
+
+    assert created != stale
+    assert [v.public_id for v in visitors(engine)] == [created]
+
+
+def test_unknown_hashes_bounded() -> None:
+    cache = UnknownHashes()
+    for number in range(UNKNOWN_HASH_LIMIT):
+        cache.add(f"{number:032x}")
+
+    cache.add("f" * 32)
+
+    assert "f" * 32 in cache
+    assert f"{0:032x}" not in cache
