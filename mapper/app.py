@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from importlib.resources import files
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -23,12 +25,7 @@ from starlette.routing import Route
 from mapper.clients import ACClient
 from mapper.db import make_engine, make_sessionmaker
 from mapper.delivery import DeliveryWorker
-from mapper.errors import (
-    BadRequest,
-    error_response,
-    handle_bad_request,
-    handle_server_error,
-)
+from mapper.errors import BadRequest, SafeErrors, error_response, handle_bad_request
 from mapper.landing import go, landed
 from mapper.settings import Settings, require_secret_keys
 from mapper.tokens import VisitorSigner
@@ -58,7 +55,24 @@ async def missing_webhook_secret(request: Request) -> Response:
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return error_response(str(exc.detail), exc.status_code)
+    return error_response(str(exc.detail), exc.status_code, headers=exc.headers)
+
+
+class OriginCheck(CORSMiddleware):
+    """Starlette's CORS, with refused preflights in mapper's error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in {"content-type", "content-length"}
+        }
+        message = "Expected a preflight from an allowed origin, for POST."
+        return error_response(message, 400, headers=headers)
 
 
 def create_app(
@@ -67,39 +81,56 @@ def create_app(
     engine: Engine | None = None,
     deliver: bool = True,
 ) -> Starlette:
-    """Build the app; with `deliver`, its lifespan runs the delivery loop."""
+    """Build the app; with `deliver`, its lifespan runs the delivery loop.
+
+    An engine passed in stays the caller's to dispose of; one made here is
+    disposed of when the app shuts down.
+    """
     require_secret_keys(settings)
-    engine = engine or make_engine(settings.database_url)
+    bound = engine or make_engine(settings.database_url)
     state = Runtime(
         settings=settings,
-        sessions=make_sessionmaker(engine),
+        engine=bound,
+        sessions=make_sessionmaker(bound),
         signer=VisitorSigner(settings.secret_keys, max_age=settings.cookie_max_age),
         ac=ACClient(settings),
     )
 
+    app = Starlette(
+        routes=_routes(),
+        middleware=[Middleware(SafeErrors), _cors(settings)],
+        exception_handlers={
+            BadRequest: handle_bad_request,
+            HTTPException: handle_http_exception,
+        },
+        lifespan=_lifespan(state, deliver=deliver, owns_engine=engine is None),
+    )
+    # A redirect would answer a mistyped webhook URL with an empty 307.
+    app.router.redirect_slashes = False
+    app.state.runtime = state
+    return app
+
+
+def _lifespan(
+    state: Runtime, *, deliver: bool, owns_engine: bool
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        worker = DeliveryWorker(settings, state.sessions, state.ac)
+        worker = DeliveryWorker(
+            state.settings, sessions=state.sessions, client=state.ac
+        )
         task = asyncio.create_task(worker.run(stop)) if deliver else None
         yield
+
         stop.set()
         if task is not None:
             await task
         await state.ac.aclose()
+        if owns_engine:
+            state.engine.dispose()
 
-    app = Starlette(
-        routes=_routes(),
-        middleware=[_cors(settings)],
-        exception_handlers={
-            BadRequest: handle_bad_request,
-            HTTPException: handle_http_exception,
-            Exception: handle_server_error,
-        },
-        lifespan=lifespan,
-    )
-    app.state.runtime = state
-    return app
+    return lifespan
 
 
 def _routes() -> list[Route]:
@@ -122,7 +153,7 @@ def _cors(settings: Settings) -> Middleware:
     # Credentials are allowed, so origins are always listed, never "*".
     origins = [origin for origin in settings.allowed_origins if origin != "*"]
     return Middleware(
-        CORSMiddleware,
+        OriginCheck,
         allow_origins=origins,
         allow_credentials=True,
         allow_methods=["POST"],

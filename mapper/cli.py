@@ -6,14 +6,17 @@ secret, so none ends up in shell history or a process list.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import click
 import uvicorn
 
+from mapper.app import create_app
 from mapper.db import check_schema, make_engine, upgrade
 from mapper.errors import MapperError
-from mapper.settings import Settings, load_settings, require_secret_keys
+from mapper.settings import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -25,23 +28,27 @@ MAPPER_COOKIE_SECURE and the other MAPPER_ settings listed in the README,
 from the environment or a .env file in the working folder.
 """
 
+# At INFO httpx logs every request URL, and hash lookups carry the API key
+# in theirs.
+QUIET_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING}
+
 
 def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
     )
-    # At INFO httpx logs every request URL, and hash lookups carry the API
-    # key in theirs.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
-def read_settings() -> Settings:
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn mapper's own errors into one clear line and exit status 1."""
     try:
-        return load_settings()
+        yield
     except MapperError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -51,24 +58,25 @@ def main() -> None:
 
 
 @main.command(epilog=SERVE_SETTINGS)
-@click.option("--host", help="Interface to listen on [default: MAPPER_HOST].")
-@click.option("--port", type=int, help="Port to listen on [default: MAPPER_PORT].")
+@click.option(
+    "--host", help="Interface to listen on; default MAPPER_HOST, else 127.0.0.1."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port to listen on; default MAPPER_PORT, else 8000.",
+)
 def serve(host: str | None, port: int | None) -> None:
     """Run the HTTP service with its event delivery loop.
 
     Refuses to start while the database schema is not current.
     """
-    from mapper.app import create_app
-
-    settings = read_settings()
-    try:
-        require_secret_keys(settings)
+    with reported_errors():
+        settings = load_settings()
         engine = make_engine(settings.database_url)
         check_schema(engine)
-    except MapperError as exc:
-        raise click.ClickException(str(exc)) from exc
+        app = create_app(settings, engine=engine)
 
-    app = create_app(settings, engine=engine)
     logger.info("mapper is starting.")
     uvicorn.run(
         app,
@@ -92,6 +100,6 @@ def db() -> None:
 )
 def upgrade_schema() -> None:
     """Apply all pending migrations to the database."""
-    settings = read_settings()
-    upgrade(settings.database_url)
+    with reported_errors():
+        upgrade(load_settings().database_url)
     logger.info("The database schema is current.")

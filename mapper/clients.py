@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 AC_ID = re.compile(r"[0-9]{1,20}")
 MAX_MESSAGE = 500
+# A Retry-After longer than this is taken as this: an hour's pause is the
+# most a single answer may impose on the outbox.
+MAX_RETRY_AFTER = 3600
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,19 @@ class LookedUpContact:
     ac_hash: str
 
 
+class Outcome(StrEnum):
+    """What one event post came to."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"  # try again later, not before `retry_at` if AC said so
+    REFUSED = "refused"  # AC will not take this event
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
-    """How AC answered one event post.
+    """How AC answered one event post, with AC's message."""
 
-    `outcome` is `delivered`, `retry` (try again later, not before
-    `retry_at` when AC said so) or `refused` (AC will not take it).
-    """
-
-    outcome: str
+    outcome: Outcome
     message: str
     retry_at: datetime | None = None
 
@@ -51,13 +59,10 @@ class DeliveryResult:
 class ACClient:
     """Talks to AC's v1 contact API and its event tracking endpoint."""
 
-    def __init__(
-        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._http = httpx.AsyncClient(
             timeout=settings.ac_timeout,
-            transport=transport,
             follow_redirects=False,
             headers={"User-Agent": "mapper"},
         )
@@ -88,8 +93,10 @@ class ACClient:
             )
             response.raise_for_status()
             body = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise ACUnavailable("AC's contact API gave no usable answer.") from exc
+        except (httpx.HTTPError, ValueError):
+            # The httpx error's text holds the request URL, API key included;
+            # it must not travel on in a traceback.
+            raise ACUnavailable("AC's contact API gave no usable answer.") from None
 
         return _contact_from_view(body, ac_hash)
 
@@ -109,7 +116,7 @@ class ACClient:
         try:
             response = await self._http.post(settings.ac_track_url, data=form)
         except httpx.HTTPError as exc:
-            return DeliveryResult("retry", f"Network error: {type(exc).__name__}")
+            return DeliveryResult(Outcome.RETRY, f"Network error: {type(exc).__name__}")
 
         return _result_from_track(response)
 
@@ -137,7 +144,7 @@ def _result_from_track(response: httpx.Response) -> DeliveryResult:
     status = response.status_code
     if status == 429 or status >= 500:
         retry_at = _retry_after(response.headers.get("Retry-After"))
-        return DeliveryResult("retry", f"AC answered HTTP {status}.", retry_at)
+        return DeliveryResult(Outcome.RETRY, f"AC answered HTTP {status}.", retry_at)
 
     try:
         body = response.json()
@@ -146,14 +153,15 @@ def _result_from_track(response: httpx.Response) -> DeliveryResult:
     if not isinstance(body, dict):
         # An HTML page is a proxy or maintenance screen in front of AC, not
         # AC judging the event, so the event is kept for another try.
-        return DeliveryResult("retry", f"AC answered HTTP {status} without JSON.")
+        return DeliveryResult(Outcome.RETRY, f"AC answered HTTP {status} without JSON.")
 
     message = str(body.get("message", ""))[:MAX_MESSAGE]
     # Only the documented success marker counts: an empty object, a string
     # "1" or a 2xx without it are not AC having spawned the event.
-    if status == 200 and body.get("success") == 1 and body["success"] is not True:
-        return DeliveryResult("delivered", message)
-    return DeliveryResult("refused", message or f"AC answered HTTP {status}.")
+    success = body.get("success")
+    if status == 200 and type(success) is int and success == 1:
+        return DeliveryResult(Outcome.DELIVERED, message)
+    return DeliveryResult(Outcome.REFUSED, message or f"AC answered HTTP {status}.")
 
 
 def _retry_after(value: str | None) -> datetime | None:
@@ -162,12 +170,14 @@ def _retry_after(value: str | None) -> datetime | None:
         return None
     value = value.strip()
     now = datetime.now(UTC)
-    if value.isdigit():
-        return now + timedelta(seconds=int(value))
+    latest = now + timedelta(seconds=MAX_RETRY_AFTER)
+    if value.isascii() and value.isdigit():
+        return now + timedelta(seconds=min(int(value), MAX_RETRY_AFTER))
+
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return max(moment, now)
+    return min(max(moment, now), latest)

@@ -14,6 +14,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mapper.errors import SchemaError
@@ -21,6 +22,12 @@ from mapper.errors import SchemaError
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The driver's own message names the server and the user; this names the
+# setting and the likely causes instead.
+_UNREACHABLE = (
+    "Could not open or migrate the database at MAPPER_DATABASE_URL. Check the "
+    "address, the user and the password, and that the server is up."
+)
 MIGRATIONS = PROJECT_ROOT / "migrations"
 
 
@@ -67,25 +74,42 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def alembic_config(url: str) -> AlembicConfig:
+def alembic_config(url: str | None = None) -> AlembicConfig:
     """An Alembic config for `url`; alembic.ini itself holds no URL."""
     config = AlembicConfig(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["database_url"] = url
+    if url is not None:
+        config.attributes["database_url"] = url
     return config
 
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the migrations up to `revision`."""
-    command.upgrade(alembic_config(url), revision)
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except SQLAlchemyError:
+        raise SchemaError(_UNREACHABLE) from None
 
 
 def check_schema(engine: Engine) -> None:
-    """Raise `SchemaError` unless the database is at the newest revision."""
-    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
-    head = script.get_current_head()
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+    """Raise `SchemaError` unless the database is at the newest revision.
+
+    A missing SQLite file is reported as such, rather than created empty.
+    """
+    path = engine.url.database
+    if engine.url.get_backend_name() == "sqlite" and path and path != ":memory:":
+        if not Path(path).exists():
+            raise SchemaError(
+                "The SQLite database file does not exist yet. Run "
+                "`mapper db upgrade` with the same MAPPER_DATABASE_URL first."
+            )
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError:
+        raise SchemaError(_UNREACHABLE) from None
 
     if current != head:
         raise SchemaError(

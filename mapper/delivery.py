@@ -8,8 +8,10 @@ No AC contact lookup happens here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -17,8 +19,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from mapper.clients import ACClient, DeliveryResult
-from mapper.models import Contact, Event, utcnow
+from mapper.clients import ACClient, DeliveryResult, Outcome
+from mapper.models import Contact, Event, EventStatus, utcnow
 from mapper.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class Claim:
     name: str
     data: str | None
     email: str
+    lease_token: str
+    lease_until: datetime
 
 
 def backoff(attempts: int) -> timedelta:
@@ -50,13 +54,19 @@ def backoff(attempts: int) -> timedelta:
 def claim_due(
     sessions: sessionmaker[Session], *, limit: int, lease: float
 ) -> list[Claim]:
-    """Lease up to `limit` due events whose contact has an email."""
+    """Lease up to `limit` due events whose contact has an email.
+
+    Rows locked by another worker are skipped, not waited for, and each
+    claimed row gets this batch's token, so two workers never hold one.
+    """
     now = utcnow()
+    token = secrets.token_hex(16)
+    lease_until = now + timedelta(seconds=lease)
     query = (
         select(Event.id, Event.name, Event.data, Contact.email)
         .join(Contact, Contact.id == Event.contact_id)
         .where(
-            Event.status == "pending",
+            Event.status == EventStatus.PENDING,
             Event.next_attempt_at <= now,
             or_(Event.lease_until.is_(None), Event.lease_until < now),
             Contact.email.is_not(None),
@@ -65,36 +75,43 @@ def claim_due(
         .limit(limit)
         .with_for_update(skip_locked=True, of=Event)
     )
+
     with sessions.begin() as session:
         rows = session.execute(query).all()
-        ids = [row.id for row in rows]
-        if ids:
+        if rows:
             session.execute(
                 update(Event)
-                .where(Event.id.in_(ids))
-                .values(lease_until=now + timedelta(seconds=lease))
+                .where(Event.id.in_([row.id for row in rows]))
+                .values(lease_until=lease_until, lease_token=token)
             )
-    return [Claim(row.id, row.name, row.data, row.email) for row in rows]
+    return [
+        Claim(row.id, row.name, row.data, row.email, token, lease_until) for row in rows
+    ]
 
 
 def record_result(
-    sessions: sessionmaker[Session], claim: Claim, result: DeliveryResult
+    sessions: sessionmaker[Session], *, claim: Claim, result: DeliveryResult
 ) -> None:
-    """Store the outcome of one attempt and release the lease."""
+    """Store the outcome of one attempt and release the lease.
+
+    Nothing is written if the lease was lost (it expired and another worker
+    took the event), so a late answer cannot undo that worker's outcome.
+    """
     now = utcnow()
     with sessions.begin() as session:
-        event = session.get(Event, claim.event_id)
-        if event is None:
+        event = session.get(Event, claim.event_id, with_for_update=True)
+        if event is None or event.lease_token != claim.lease_token:
             return
-        event.attempts += 1
-        event.lease_until = None
-        event.last_error = None if result.outcome == "delivered" else result.message
 
-        if result.outcome == "delivered":
-            event.status = "delivered"
+        event.attempts += 1
+        event.lease_until = event.lease_token = None
+        event.last_error = result.message
+        if result.outcome is Outcome.DELIVERED:
+            event.status = EventStatus.DELIVERED
             event.delivered_at = now
-        elif result.outcome == "refused":
-            event.status = "dead"
+            event.last_error = None
+        elif result.outcome is Outcome.REFUSED:
+            event.status = EventStatus.DEAD
         else:
             event.next_attempt_at = result.retry_at or now + backoff(event.attempts)
 
@@ -106,8 +123,11 @@ def release(sessions: sessionmaker[Session], claims: list[Claim]) -> None:
     with sessions.begin() as session:
         session.execute(
             update(Event)
-            .where(Event.id.in_([claim.event_id for claim in claims]))
-            .values(lease_until=None)
+            .where(
+                Event.id.in_([claim.event_id for claim in claims]),
+                Event.lease_token == claims[0].lease_token,
+            )
+            .values(lease_until=None, lease_token=None)
         )
 
 
@@ -115,68 +135,88 @@ class DeliveryWorker:
     """Delivers the outbox to AC until told to stop."""
 
     def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], client: ACClient
+        self,
+        settings: Settings,
+        *,
+        sessions: sessionmaker[Session],
+        client: ACClient,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
         self._client = client
-        self._paused_until: datetime | None = None
+        self._stop = asyncio.Event()
+        self.paused_until: datetime | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver in rounds until `stop` is set."""
-        if not self._settings.delivery_configured:
+        self._stop = stop
+        missing = self._settings.missing_delivery_settings
+        if missing:
             logger.warning(
-                "Event delivery to AC is paused: MAPPER_AC_ACTID and "
-                "MAPPER_AC_EVENT_KEY are not set. Events are kept until they are."
+                "Event delivery to AC is paused until %s is set; "
+                "events are kept until then.",
+                " and ".join(missing),
             )
             return
+
         while not stop.is_set():
             try:
-                delivered = await self.deliver_round()
+                attempted = await self.deliver_round()
             except Exception:
                 logger.exception("Delivery round failed; trying again shortly.")
-                delivered = 0
-            if delivered == 0:
-                await _wait(stop, self._idle_time())
+                attempted = 0
+            if attempted == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._idle_seconds())
 
-    def _idle_time(self) -> float:
+    def _idle_seconds(self) -> float:
         interval = self._settings.delivery_interval
-        if self._paused_until is None:
+        if self.paused_until is None:
             return interval
-        return max((self._paused_until - utcnow()).total_seconds(), interval)
+        return max((self.paused_until - utcnow()).total_seconds(), interval)
 
     async def deliver_round(self) -> int:
         """Try one batch of due events; return how many were attempted."""
-        if self._paused_until is not None and utcnow() < self._paused_until:
+        if self.paused_until is not None and utcnow() < self.paused_until:
             return 0
-        self._paused_until = None
-        settings = self._settings
+        self.paused_until = None
+
         claims = await run_in_threadpool(
             claim_due,
             self._sessions,
-            limit=settings.delivery_batch_size,
-            lease=settings.delivery_lease,
+            limit=self._settings.delivery_batch_size,
+            lease=self._settings.delivery_lease,
         )
-        for index, claim in enumerate(claims):
-            result = await self._client.send_event(
-                email=claim.email, name=claim.name, data=claim.data
-            )
-            await run_in_threadpool(record_result, self._sessions, claim, result)
-            if result.outcome == "retry":
-                # AC is down or rate limiting: stop this batch rather than
-                # push the rest of it at a server that is not taking events.
-                self._paused_until = result.retry_at or utcnow() + backoff(1)
-                await run_in_threadpool(release, self._sessions, claims[index + 1 :])
-                return index + 1
-            if result.outcome == "refused":
-                logger.warning(
-                    "AC refused event %d; it is marked dead.", claim.event_id
-                )
-        return len(claims)
+        attempted = 0
+        for claim in claims:
+            if not self._may_send(claim):
+                break
+            outcome = await self._deliver(claim)
+            attempted += 1
+            if outcome is Outcome.RETRY:
+                break
 
+        await run_in_threadpool(release, self._sessions, claims[attempted:])
+        return attempted
 
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
+    def _may_send(self, claim: Claim) -> bool:
+        # A send must end while the lease holds, or another worker could
+        # take the event and send it too; a stopping worker starts no send.
+        deadline = utcnow() + timedelta(seconds=self._settings.ac_timeout)
+        return not self._stop.is_set() and deadline < claim.lease_until
+
+    async def _deliver(self, claim: Claim) -> Outcome:
+        result = await self._client.send_event(
+            email=claim.email, name=claim.name, data=claim.data
+        )
+        await run_in_threadpool(
+            record_result, self._sessions, claim=claim, result=result
+        )
+
+        if result.outcome is Outcome.RETRY:
+            # AC is down or rate limiting: pause rather than push the rest
+            # of the batch at a server that is not taking events.
+            self.paused_until = result.retry_at or utcnow() + backoff(1)
+        elif result.outcome is Outcome.REFUSED:
+            logger.warning("AC refused event %d; it is marked dead.", claim.event_id)
+        return result.outcome

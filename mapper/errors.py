@@ -1,20 +1,32 @@
-"""The errors mapper raises, and the one JSON shape HTTP errors take.
+"""The errors mapper raises, the one JSON shape HTTP errors take, and the
+guard that keeps unexpected exceptions' text out of answers and logs.
 
 No message here carries a personal or secret value: each names the field or
 setting and what was expected.
 
     MapperError
     ├── SettingsError      a setting is missing or malformed
-    ├── SchemaError        the database schema is not at the current revision
+    ├── SchemaError        the database is missing or behind the code
     ├── InvalidEmail       an address failed normalization
     ├── ACUnavailable      AC could not be asked, or gave no usable answer
+    ├── StoreConflict      concurrent writers kept colliding
     └── BadRequest         a request was refused; carries its HTTP status
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = str(Path(__file__).resolve().parent)
 
 
 class MapperError(Exception):
@@ -26,7 +38,7 @@ class SettingsError(MapperError):
 
 
 class SchemaError(MapperError):
-    """The database schema is behind the code."""
+    """The database is missing or its schema is behind the code."""
 
 
 class InvalidEmail(MapperError):
@@ -35,6 +47,10 @@ class InvalidEmail(MapperError):
 
 class ACUnavailable(MapperError):
     """AC could not be reached or answered something unreadable."""
+
+
+class StoreConflict(MapperError):
+    """A transaction lost to concurrent writers every time it was tried."""
 
 
 class BadRequest(MapperError):
@@ -46,9 +62,12 @@ class BadRequest(MapperError):
         self.status = status
 
 
-def error_response(message: str, status: int) -> JSONResponse:
+def error_response(
+    message: str, status: int, *, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     """Build the `{"error": ..., "status": N}` body every HTTP error uses."""
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+    body = {"error": message, "status": status}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def handle_bad_request(request: Request, exc: Exception) -> JSONResponse:
@@ -56,7 +75,47 @@ async def handle_bad_request(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.message, exc.status)
 
 
-async def handle_server_error(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback goes to the log through Starlette's ServerErrorMiddleware;
-    # the browser learns nothing about what failed.
-    return error_response("Internal Server Error", 500)
+class SafeErrors:
+    """Answers an unexpected exception with a bare 500 and logs only its
+    type and place.
+
+    A database error's text can quote the row it failed on (an email, in a
+    unique-key violation) and an HTTP client error quotes its URL, so
+    neither the message nor the traceback may reach a log or a browser.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            logger.error("Unexpected %s at %s.", type(exc).__name__, _place(exc))
+            if not started:
+                response = error_response("Internal Server Error", 500)
+                await response(scope, receive, send)
+
+
+def _place(exc: BaseException) -> str:
+    # The innermost frame in mapper's own code says where to look; library
+    # frames below it say little more than the exception's type does.
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [
+        frame
+        for frame in frames
+        if frame.filename.startswith(PACKAGE) and frame.filename != __file__
+    ]
+    frame = (ours or frames)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"

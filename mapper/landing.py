@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from mapper.clients import LookedUpContact
 from mapper.errors import ACUnavailable
-from mapper.models import Contact, utcnow
+from mapper.models import Contact, Source, utcnow
 from mapper.settings import Settings
 from mapper.store import (
     ContactFacts,
@@ -46,30 +46,36 @@ LANDED_PAGE = """<!doctype html>
 async def go(request: Request) -> Response:
     """Identify the visitor by the link's hash and send it on, hash removed."""
     state = runtime(request)
-    raw_hash = request.query_params.get("h", "").strip().lower()
-    target = safe_target(request.query_params.get("to"), state.settings, raw_hash)
-    ac_hash = raw_hash if AC_HASH.fullmatch(raw_hash) else None
+    given = request.query_params.get("h", "").strip().lower()
+    ac_hash = given if AC_HASH.fullmatch(given) else None
+    target = safe_target(
+        request.query_params.get("to"), settings=state.settings, ac_hash=ac_hash
+    )
 
-    looked_up = None
-    if ac_hash is not None:
-        known = await run_in_threadpool(_is_known, state, ac_hash)
-        if not known and ac_hash not in state.unknown_hashes:
-            looked_up = await _ask_ac(state, ac_hash)
-
+    looked_up = await _look_up(state, ac_hash) if ac_hash else None
     visitor_id = await run_in_threadpool(
         run_transaction,
         state.sessions,
         lambda session: _land(
-            session, visitor_from_cookie(request), ac_hash, looked_up
+            session,
+            visitor_id=visitor_from_cookie(request),
+            ac_hash=ac_hash,
+            looked_up=looked_up,
         ),
     )
+
     response = RedirectResponse(target, status_code=302)
     response.headers["Referrer-Policy"] = "no-referrer"
-    set_visitor_cookie(response, state, visitor_id)
+    set_visitor_cookie(response, state, visitor=visitor_id)
     return response
 
 
-async def _ask_ac(state: Runtime, ac_hash: str) -> LookedUpContact | None:
+async def _look_up(state: Runtime, ac_hash: str) -> LookedUpContact | None:
+    """Ask AC about a hash mapper has not seen, unless AC denied it lately."""
+    known = await run_in_threadpool(_is_known, state, ac_hash)
+    if known or ac_hash in state.unknown_hashes:
+        return None
+
     try:
         looked_up = await state.ac.view_hash(ac_hash)
     except ACUnavailable:
@@ -88,10 +94,12 @@ def _is_known(state: Runtime, ac_hash: str) -> bool:
 
 def _land(
     session: Session,
+    *,
     visitor_id: VisitorId | None,
     ac_hash: str | None,
     looked_up: LookedUpContact | None,
 ) -> VisitorId:
+    """Store what AC said, then bind the visitor if the hash is known."""
     visitor = touch_visitor(session, visitor_id)
     if looked_up is not None:
         record_contact(session, _facts(looked_up))
@@ -100,7 +108,7 @@ def _land(
     if ac_hash is not None:
         contact = find_contact_by_hash(session, ac_hash)
     if contact is not None:
-        identify_visitor(session, visitor, contact, how="hash")
+        identify_visitor(session, visitor, contact, how=Source.HASH)
     return VisitorId(visitor.public_id)
 
 
@@ -111,16 +119,17 @@ def _facts(found: LookedUpContact) -> ContactFacts:
         ac_contact_id=found.ac_contact_id,
         email=found.email,
         as_of=utcnow(),
-        source="hash",
+        source=Source.HASH,
         ac_hash=found.ac_hash,
     )
 
 
-def safe_target(raw: str | None, settings: Settings, ac_hash: str) -> str:
+def safe_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -> str:
     """Return `raw` if it is an http(s) URL on an allowed host, else a default.
 
     Query parameters and a fragment that carry the hash are removed, so a
-    link built carelessly still cannot pass it on to the page.
+    link built carelessly still cannot pass it on to the page; a target
+    with the hash in its path is not used at all.
     """
     if not raw or len(raw) > MAX_TARGET_LENGTH or not raw.isprintable():
         return default_target(settings)
@@ -130,21 +139,24 @@ def safe_target(raw: str | None, settings: Settings, ac_hash: str) -> str:
     )
     if not allowed or "\\" in parts.netloc:
         return default_target(settings)
+    if ac_hash is None or ac_hash not in raw.lower():
+        return raw
 
-    if ac_hash:
-        query = [
-            (key, value)
-            for key, value in parse_qsl(parts.query, keep_blank_values=True)
-            if ac_hash not in value.lower()
-        ]
-        fragment = "" if ac_hash in parts.fragment.lower() else parts.fragment
-        parts = parts._replace(query=urlencode(query), fragment=fragment)
-    return urlunsplit(parts)
+    if ac_hash in parts.path.lower():
+        return default_target(settings)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [pair for pair in pairs if ac_hash not in "=".join(pair).lower()]
+    query = urlencode(kept) if kept != pairs else parts.query
+    fragment = "" if ac_hash in parts.fragment.lower() else parts.fragment
+    return urlunsplit(parts._replace(query=query, fragment=fragment))
 
 
 def default_target(settings: Settings) -> str:
-    """Where a link with no usable target goes: the configured page, else
-    the first allowed site, else mapper's own neutral page."""
+    """Where a link goes whose target is missing or not allowed.
+
+    That is the configured page, else the first allowed site, else
+    mapper's own neutral page.
+    """
     if settings.default_redirect:
         return settings.default_redirect
     if settings.allowed_hosts:
@@ -153,4 +165,5 @@ def default_target(settings: Settings) -> str:
 
 
 async def landed(request: Request) -> HTMLResponse:
+    """The neutral page for links with nowhere else to go."""
     return HTMLResponse(LANDED_PAGE)

@@ -7,6 +7,7 @@ contact's row removes the address from the database.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -16,12 +17,21 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints, so that later batch migrations on SQLite can find them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 RowId = BigInteger().with_variant(Integer(), "sqlite")
@@ -57,8 +67,33 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class EventStatus(StrEnum):
+    """Where an event is between intake and AC."""
+
+    HELD = "held"  # the visitor is not identified yet
+    PENDING = "pending"  # waiting for delivery
+    DELIVERED = "delivered"
+    DEAD = "dead"  # AC refused it
+
+
+class ContactStatus(StrEnum):
+    """A contact's subscription state, as AC's last webhook gave it."""
+
+    ACTIVE = "active"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class Source(StrEnum):
+    """How mapper learned of a contact or identified a visitor."""
+
+    WEBHOOK = "webhook"
+    HASH = "hash"
+
+
 class Base(DeclarativeBase):
-    pass
+    """The declarative base; its metadata names every constraint."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 class Contact(Base):
@@ -72,7 +107,7 @@ class Contact(Base):
     # not yet told us this contact's new one.
     email: Mapped[str | None] = mapped_column(String(254), unique=True)
     ac_hash: Mapped[str | None] = mapped_column(String(32), unique=True)
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=ContactStatus.ACTIVE)
     source: Mapped[str] = mapped_column(String(16))
     ac_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -98,8 +133,8 @@ class Visitor(Base):
 class Event(Base):
     """One tracked event in the outbox, from intake until AC accepts it.
 
-    `status` is `held` (visitor not yet identified), `pending` (waiting for
-    delivery), `delivered`, or `dead` (AC refused it).
+    A worker that claims the event writes a random `lease_token` and a
+    `lease_until`; only the holder of the token may record the outcome.
     """
 
     __tablename__ = "events"
@@ -124,5 +159,6 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_token: Mapped[str | None] = mapped_column(String(32))
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)

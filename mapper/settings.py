@@ -7,9 +7,11 @@ This is the only module that reads the environment. Secrets are held in
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.config import Config
 from starlette.datastructures import Secret
@@ -18,8 +20,22 @@ from mapper.errors import SettingsError
 
 DEFAULT_DATABASE_URL = "sqlite:///mapper.db"
 DEFAULT_TRACK_URL = "https://trackcmp.net/event"
+# Browsers cap a cookie's lifetime at 400 days; it is renewed on each visit.
+DEFAULT_COOKIE_MAX_AGE = 400 * 24 * 3600
+# Values copied from an example file rather than chosen: refused outright.
 PLACEHOLDERS = {"changeme", "change-me", "secret", "xxx", "placeholder"}
 MIN_SECRET_LENGTH = 16
+DATABASE_SCHEMES = (
+    "sqlite:///",
+    "postgresql://",
+    "postgres://",
+    "postgresql+psycopg://",
+)
+# Host names and origins are compared as text with what browsers send, so
+# only the plain lowercase forms are accepted.
+HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
+ORIGIN = re.compile(r"https?://[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
+COOKIE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -49,9 +65,13 @@ class Settings:
     port: int
 
     @property
-    def delivery_configured(self) -> bool:
-        """Whether the AC event endpoint can be called at all."""
-        return bool(self.ac_actid and self.ac_event_key)
+    def missing_delivery_settings(self) -> list[str]:
+        """The settings delivery to AC still needs; empty when it can run."""
+        needed = {
+            "MAPPER_AC_ACTID": self.ac_actid,
+            "MAPPER_AC_EVENT_KEY": self.ac_event_key,
+        }
+        return [name for name, value in needed.items() if not value]
 
     @property
     def lookup_configured(self) -> bool:
@@ -73,30 +93,42 @@ def load_settings(
         env_file = None
     config = Config(env_file, environ=os.environ if environ is None else environ)
     read = _Reader(config)
+    allowed_hosts = read.matching_list(
+        "MAPPER_ALLOWED_HOSTS", HOST_NAME, "host names like shop.example"
+    )
 
-    return Settings(
-        database_url=read.text("MAPPER_DATABASE_URL", DEFAULT_DATABASE_URL),
+    settings = Settings(
+        database_url=read.database_url("MAPPER_DATABASE_URL"),
         secret_keys=read.secret_list("MAPPER_SECRET_KEYS"),
-        cookie_name=read.text("MAPPER_COOKIE_NAME", "mapper_vid"),
+        cookie_name=read.cookie_name("MAPPER_COOKIE_NAME"),
         cookie_secure=read.flag("MAPPER_COOKIE_SECURE", True),
-        cookie_max_age=read.number("MAPPER_COOKIE_MAX_AGE", 400 * 24 * 3600),
+        cookie_max_age=read.number("MAPPER_COOKIE_MAX_AGE", DEFAULT_COOKIE_MAX_AGE),
         webhook_secret=read.secret("MAPPER_WEBHOOK_SECRET"),
         ac_api_url=read.optional_url("MAPPER_AC_API_URL"),
         ac_api_key=read.secret("MAPPER_AC_API_KEY", min_length=1),
         ac_actid=read.optional_text("MAPPER_AC_ACTID"),
         ac_event_key=read.secret("MAPPER_AC_EVENT_KEY", min_length=1),
-        ac_track_url=read.text("MAPPER_AC_TRACK_URL", DEFAULT_TRACK_URL),
+        ac_track_url=read.optional_url("MAPPER_AC_TRACK_URL") or DEFAULT_TRACK_URL,
         ac_timeout=read.decimal("MAPPER_AC_TIMEOUT", 10.0),
-        allowed_hosts=read.lower_list("MAPPER_ALLOWED_HOSTS"),
-        allowed_origins=read.lower_list("MAPPER_ALLOWED_ORIGINS"),
-        default_redirect=read.optional_text("MAPPER_DEFAULT_REDIRECT"),
+        allowed_hosts=allowed_hosts,
+        allowed_origins=read.matching_list(
+            "MAPPER_ALLOWED_ORIGINS", ORIGIN, "origins like https://shop.example"
+        ),
+        default_redirect=read.redirect("MAPPER_DEFAULT_REDIRECT", allowed_hosts),
         track_max_bytes=read.number("MAPPER_TRACK_MAX_BYTES", 8192),
         delivery_batch_size=read.number("MAPPER_DELIVERY_BATCH_SIZE", 50),
         delivery_interval=read.decimal("MAPPER_DELIVERY_INTERVAL", 1.0),
         delivery_lease=read.decimal("MAPPER_DELIVERY_LEASE", 60.0),
         host=read.text("MAPPER_HOST", "127.0.0.1"),
-        port=read.number("MAPPER_PORT", 8000),
+        port=read.number("MAPPER_PORT", 8000, maximum=65535),
     )
+
+    if settings.delivery_lease <= settings.ac_timeout:
+        # A send that may outlast its lease could be made twice.
+        raise SettingsError(
+            "MAPPER_DELIVERY_LEASE must be longer than MAPPER_AC_TIMEOUT."
+        )
+    return settings
 
 
 class _Reader:
@@ -133,12 +165,12 @@ class _Reader:
             return False
         raise SettingsError(f"{key} must be true or false.")
 
-    def number(self, key: str, default: int) -> int:
+    def number(self, key: str, default: int, *, maximum: int = 2**31) -> int:
         value = self._raw(key)
         if value is None:
             return default
-        if not value.isdigit() or int(value) == 0:
-            raise SettingsError(f"{key} must be a positive whole number.")
+        if not re.fullmatch(r"[0-9]{1,10}", value) or not 0 < int(value) <= maximum:
+            raise SettingsError(f"{key} must be a whole number from 1 to {maximum}.")
         return int(value)
 
     def decimal(self, key: str, default: float) -> float:
@@ -153,10 +185,48 @@ class _Reader:
             raise SettingsError(f"{key} must be a positive number of seconds.")
         return number
 
-    def lower_list(self, key: str) -> tuple[str, ...]:
+    def matching_list(
+        self, key: str, pattern: re.Pattern[str], expected: str
+    ) -> tuple[str, ...]:
         value = self._raw(key) or ""
-        items = (item.strip().lower().rstrip("/") for item in value.split(","))
-        return tuple(item for item in items if item)
+        items = [item.strip().lower().rstrip("/") for item in value.split(",")]
+        items = [item for item in items if item]
+
+        if any(not pattern.fullmatch(item) for item in items):
+            # "*" fails here too: with credentials allowed, a wildcard would
+            # let any site read answers meant for this one.
+            raise SettingsError(f"{key} must be a comma-separated list of {expected}.")
+        return tuple(items)
+
+    def database_url(self, key: str) -> str:
+        value = self._raw(key) or DEFAULT_DATABASE_URL
+        if not value.startswith(DATABASE_SCHEMES):
+            raise SettingsError(
+                f"{key} must be a sqlite:///path or postgresql://user:pass@host/db URL."
+            )
+        return value
+
+    def cookie_name(self, key: str) -> str:
+        value = self._raw(key) or "mapper_vid"
+        if not COOKIE_NAME.fullmatch(value):
+            raise SettingsError(f"{key} must be 1 to 64 letters, digits, - or _.")
+        return value
+
+    def redirect(self, key: str, allowed_hosts: tuple[str, ...]) -> str | None:
+        value = self._raw(key)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        local_path = value.startswith("/") and not value.startswith("//")
+        on_allowed_host = parts.scheme in {"http", "https"} and (
+            parts.hostname in allowed_hosts
+        )
+
+        if "\\" in value or not (local_path or on_allowed_host):
+            raise SettingsError(
+                f"{key} must be a path on mapper or a URL on MAPPER_ALLOWED_HOSTS."
+            )
+        return value
 
     def secret(self, key: str, *, min_length: int = MIN_SECRET_LENGTH) -> Secret | None:
         value = self._raw(key)

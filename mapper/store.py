@@ -11,12 +11,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mapper.models import Contact, Event, Visitor, utcnow
+from mapper.errors import StoreConflict
+from mapper.models import (
+    Contact,
+    ContactStatus,
+    Event,
+    EventStatus,
+    Source,
+    Visitor,
+    utcnow,
+)
 from mapper.tokens import VisitorId, new_visitor_id
 
 T = TypeVar("T")
@@ -30,8 +39,8 @@ class ContactFacts:
     ac_contact_id: str
     email: str
     as_of: datetime
-    source: str
-    status: str | None = None
+    source: Source
+    status: ContactStatus | None = None
     ac_hash: str | None = None
 
 
@@ -48,7 +57,8 @@ def run_transaction(sessions: sessionmaker[Session], work: Callable[[Session], T
                 return work(session)
         except (IntegrityError, OperationalError):
             if attempt == TRANSACTION_ATTEMPTS:
-                raise
+                # The database's message can quote the conflicting row.
+                raise StoreConflict("Concurrent writers kept colliding.") from None
             attempt += 1
 
 
@@ -59,40 +69,59 @@ def _insert(session: Session, model: type[Any]) -> postgresql.Insert | sqlite.In
     return sqlite.insert(model)
 
 
-def record_contact(session: Session, facts: ContactFacts) -> None:
+def record_contact(session: Session, facts: ContactFacts) -> bool:
     """Insert or update a contact by AC id, unless what we hold is newer.
 
     An older `as_of` than the stored one changes nothing, so a late or
-    repeated webhook cannot undo a newer change.
+    repeated webhook cannot undo a newer change. Returns whether the facts
+    were stored.
     """
+    stored_at = session.scalar(
+        select(Contact.ac_updated_at).where(
+            Contact.ac_contact_id == facts.ac_contact_id
+        )
+    )
+    if stored_at is not None and stored_at > facts.as_of:
+        return False
+
     _release_claims(session, facts)
-    now = utcnow()
+    changes = _changes(session, facts)
+    insert = _insert(session, Contact).values(
+        {
+            "status": ContactStatus.ACTIVE,
+            **changes,
+            "ac_contact_id": facts.ac_contact_id,
+            "source": facts.source,
+            "created_at": changes["updated_at"],
+        }
+    )
+
+    # The guard repeats the check above for a writer that raced this one.
+    column = Contact.__table__.c.ac_updated_at
+    newer = or_(column.is_(None), column <= insert.excluded.ac_updated_at)
+    upsert = insert.on_conflict_do_update(
+        index_elements=["ac_contact_id"], set_=changes, where=newer
+    )
+    return bool(session.execute(upsert).rowcount)  # type: ignore[attr-defined]
+
+
+def _changes(session: Session, facts: ContactFacts) -> dict[str, Any]:
     changes: dict[str, Any] = {
         "email": None if _held_elsewhere(session, facts) else facts.email,
         "ac_updated_at": facts.as_of,
-        "updated_at": now,
+        "updated_at": utcnow(),
     }
     if facts.status is not None:
         changes["status"] = facts.status
     if facts.ac_hash is not None:
         changes["ac_hash"] = facts.ac_hash
+    return changes
 
-    insert = _insert(session, Contact).values(
-        {
-            "status": "active",
-            **changes,
-            "ac_contact_id": facts.ac_contact_id,
-            "source": facts.source,
-            "created_at": now,
-        }
-    )
-    stored_at = Contact.__table__.c.ac_updated_at
-    session.execute(
-        insert.on_conflict_do_update(
-            index_elements=["ac_contact_id"],
-            set_=changes,
-            where=or_(stored_at.is_(None), stored_at <= insert.excluded.ac_updated_at),
-        )
+
+def _other_contacts(facts: ContactFacts) -> ColumnElement[bool]:
+    return or_(
+        Contact.ac_contact_id.is_(None),
+        Contact.ac_contact_id != facts.ac_contact_id,
     )
 
 
@@ -100,21 +129,19 @@ def _release_claims(session: Session, facts: ContactFacts) -> None:
     # AC keeps an address (and a hash) on one contact at a time. When a newer
     # fact gives it to this contact, another row still holding it has moved
     # on in AC, and gives it up until AC tells us its new value.
-    others = or_(
-        Contact.ac_contact_id.is_(None), Contact.ac_contact_id != facts.ac_contact_id
-    )
     not_newer = or_(
         Contact.ac_updated_at.is_(None), Contact.ac_updated_at <= facts.as_of
     )
     session.execute(
         update(Contact)
-        .where(Contact.email == facts.email, others, not_newer)
+        .where(Contact.email == facts.email, _other_contacts(facts), not_newer)
         .values(email=None, updated_at=utcnow())
     )
+
     if facts.ac_hash is not None:
         session.execute(
             update(Contact)
-            .where(Contact.ac_hash == facts.ac_hash, others)
+            .where(Contact.ac_hash == facts.ac_hash, _other_contacts(facts))
             .values(ac_hash=None, updated_at=utcnow())
         )
 
@@ -123,17 +150,15 @@ def _held_elsewhere(session: Session, facts: ContactFacts) -> bool:
     # Still held by another contact: AC gave that contact the address more
     # recently than these facts, so this contact's current one is unknown.
     query = select(Contact.id).where(
-        Contact.email == facts.email,
-        or_(
-            Contact.ac_contact_id.is_(None),
-            Contact.ac_contact_id != facts.ac_contact_id,
-        ),
+        Contact.email == facts.email, _other_contacts(facts)
     )
     return session.execute(query).first() is not None
 
 
 def find_contact_by_hash(session: Session, ac_hash: str) -> Contact | None:
-    return session.scalars(select(Contact).where(Contact.ac_hash == ac_hash)).first()
+    """The contact AC gave `ac_hash` to, if mapper has learned it."""
+    query = select(Contact).where(Contact.ac_hash == ac_hash)
+    return session.scalars(query).first()
 
 
 def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
@@ -157,7 +182,7 @@ def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
 
 
 def identify_visitor(
-    session: Session, visitor: Visitor, contact: Contact, *, how: str
+    session: Session, visitor: Visitor, contact: Contact, *, how: Source
 ) -> None:
     """Bind `visitor` to `contact` and release its held events for delivery."""
     now = utcnow()
@@ -168,8 +193,8 @@ def identify_visitor(
 
     session.execute(
         update(Event)
-        .where(Event.visitor_id == visitor.id, Event.status == "held")
-        .values(contact_id=contact.id, status="pending", next_attempt_at=now)
+        .where(Event.visitor_id == visitor.id, Event.status == EventStatus.HELD)
+        .values(contact_id=contact.id, status=EventStatus.PENDING, next_attempt_at=now)
     )
 
 
@@ -180,11 +205,11 @@ def add_event(
     name: str,
     data: str | None,
     client_id: str | None,
-) -> bool:
-    """Put an event in the outbox; return False if it is a repeat.
+) -> None:
+    """Put an event in the outbox, unless it repeats one already there.
 
     A repeat is a second event from the same visitor with the same client
-    id, as a browser sends when it retries.
+    id, as a browser sends when it retries; it is dropped without error.
     """
     now = utcnow()
     identified = visitor.contact_id is not None
@@ -194,10 +219,9 @@ def add_event(
         name=name,
         data=data,
         client_id=client_id,
-        status="pending" if identified else "held",
+        status=EventStatus.PENDING if identified else EventStatus.HELD,
         attempts=0,
         received_at=now,
         next_attempt_at=now,
     )
-    result = session.execute(insert.on_conflict_do_nothing())
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    session.execute(insert.on_conflict_do_nothing())

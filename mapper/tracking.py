@@ -8,10 +8,12 @@ the event is committed, without waiting for AC.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -58,10 +60,10 @@ async def track(request: Request) -> JSONResponse:
     event = parse_event(body)
 
     visitor_id = await run_in_threadpool(
-        accept_event, state, visitor_from_cookie(request), event
+        accept_event, state, visitor=visitor_from_cookie(request), event=event
     )
     response = JSONResponse({"accepted": True}, status_code=202)
-    set_visitor_cookie(response, state, visitor_id)
+    set_visitor_cookie(response, state, visitor=visitor_id)
     return response
 
 
@@ -76,22 +78,42 @@ def check_origin(request: Request, state: Runtime) -> None:
         return
     own = f"{request.url.scheme}://{request.url.netloc}".lower()
     if origin.lower() != own and origin.lower() not in state.settings.allowed_origins:
-        raise BadRequest("Origin not allowed.", status=403)
+        raise BadRequest(
+            "Expected a request from an origin in MAPPER_ALLOWED_ORIGINS.", status=403
+        )
 
 
 def parse_event(body: bytes) -> TrackedEvent:
     """Check a `/track` body; raise `BadRequest` naming the bad field."""
     try:
-        payload = json.loads(body.decode("utf-8"))
+        payload = json.loads(
+            body.decode("utf-8"),
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("Expected a UTF-8 JSON object.") from exc
+    except RecursionError as exc:
+        raise BadRequest("Expected JSON nested less deeply.") from exc
     if not isinstance(payload, dict):
         raise BadRequest("Expected a JSON object.")
+
     return TrackedEvent(
         name=_event_name(payload.get("event")),
         data=_event_data(payload.get("data")),
         client_id=_client_id(payload.get("id")),
     )
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError("NaN and Infinity are not JSON.")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError("Out of range for a JSON number.")
+    return number
 
 
 def _event_name(value: Any) -> str:
@@ -111,9 +133,26 @@ def _event_name(value: Any) -> str:
 def _event_data(value: Any) -> str | None:
     # AC stores one string per event; any other JSON value is sent as its
     # JSON text.
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else _compact_json(value)
+    if not _is_unicode(text):
+        raise BadRequest('Expected "data" without lone surrogates.', status=422)
+    return text
+
+
+def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _is_unicode(text: str) -> bool:
+    # JSON can carry "\ud800", a half of a character that no database or
+    # HTTP form can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _client_id(value: Any) -> str | None:
@@ -127,19 +166,23 @@ def _client_id(value: Any) -> str | None:
 
 
 def accept_event(
-    state: Runtime, visitor_id: VisitorId | None, event: TrackedEvent
+    state: Runtime, *, visitor: VisitorId | None, event: TrackedEvent
 ) -> VisitorId:
-    """Store `event` for the visitor (new if unknown); return the visitor id."""
+    """Store `event` for the visitor (new if unknown); return the visitor id.
 
-    def store(session: Any) -> VisitorId:
-        visitor = touch_visitor(session, visitor_id)
+    This is event intake independent of the HTTP shape: any other way of
+    receiving events calls it too.
+    """
+
+    def store(session: Session) -> VisitorId:
+        known = touch_visitor(session, visitor)
         add_event(
             session,
-            visitor,
+            known,
             name=event.name,
             data=event.data,
             client_id=event.client_id,
         )
-        return VisitorId(visitor.public_id)
+        return VisitorId(known.public_id)
 
     return run_transaction(state.sessions, store)

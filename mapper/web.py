@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,8 +23,11 @@ UNKNOWN_HASH_LIMIT = 10_000
 
 
 class UnknownHashes:
-    """Hashes AC recently said it does not know, so a link clicked again
-    (or a guessing client) does not spend AC's request budget each time."""
+    """Hashes AC recently said it does not know, kept for a while.
+
+    A link clicked again with a hash AC does not know costs no second AC
+    call. The oldest entries make room for new ones.
+    """
 
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
@@ -32,8 +36,10 @@ class UnknownHashes:
         return self._until.get(ac_hash, 0.0) > time.monotonic()
 
     def add(self, ac_hash: str) -> None:
-        if len(self._until) >= UNKNOWN_HASH_LIMIT:
-            self._until.clear()
+        # Re-inserting moves the hash to the end, which is the newest.
+        self._until.pop(ac_hash, None)
+        while len(self._until) >= UNKNOWN_HASH_LIMIT:
+            del self._until[next(iter(self._until))]
         self._until[ac_hash] = time.monotonic() + UNKNOWN_HASH_TTL
 
 
@@ -42,10 +48,11 @@ class Runtime:
     """The long-lived objects one app instance works with."""
 
     settings: Settings
+    engine: Engine
     sessions: sessionmaker[Session]
     signer: VisitorSigner
     ac: ACClient
-    unknown_hashes: UnknownHashes = field(default_factory=lambda: UnknownHashes())
+    unknown_hashes: UnknownHashes = field(default_factory=UnknownHashes)
 
 
 def runtime(request: Request) -> Runtime:
@@ -57,7 +64,7 @@ def runtime(request: Request) -> Runtime:
 async def read_body(request: Request, *, limit: int) -> bytes:
     """Read the request body, refusing with 413 once it passes `limit` bytes."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
 
     body = bytearray()
@@ -83,7 +90,9 @@ def visitor_from_cookie(request: Request) -> VisitorId | None:
     return state.signer.verify(request.cookies.get(state.settings.cookie_name))
 
 
-def set_visitor_cookie(response: Response, state: Runtime, visitor: VisitorId) -> None:
+def set_visitor_cookie(
+    response: Response, state: Runtime, *, visitor: VisitorId
+) -> None:
     """Give the browser a freshly signed cookie, which restarts its lifetime."""
     settings = state.settings
     response.set_cookie(

@@ -16,9 +16,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mapper.clients import AC_ID
 from mapper.emails import normalize_email
 from mapper.errors import BadRequest, InvalidEmail
-from mapper.models import utcnow
+from mapper.models import ContactStatus, Source
 from mapper.store import ContactFacts, record_contact, run_transaction
 from mapper.web import media_type, read_body, runtime
 
@@ -28,10 +29,10 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 # The contact events that carry the contact block, and the status each
 # leaves the contact in (None: unchanged).
-CONTACT_EVENTS: dict[str, str | None] = {
-    "subscribe": "active",
+CONTACT_EVENTS: dict[str, ContactStatus | None] = {
+    "subscribe": ContactStatus.ACTIVE,
     "update": None,
-    "unsubscribe": "unsubscribed",
+    "unsubscribe": ContactStatus.UNSUBSCRIBED,
     "contact_tag_added": None,
     "contact_tag_removed": None,
 }
@@ -47,10 +48,12 @@ async def activecampaign_webhook(request: Request) -> JSONResponse:
     if kind not in CONTACT_EVENTS:
         return JSONResponse({"stored": False, "reason": "Event type not used."})
 
-    facts = contact_facts(form, kind)
-    await run_in_threadpool(
+    facts = read_contact_facts(form, kind)
+    stored = await run_in_threadpool(
         run_transaction, state.sessions, lambda session: record_contact(session, facts)
     )
+    if not stored:
+        return JSONResponse({"stored": False, "reason": "Older than what is stored."})
     return JSONResponse({"stored": True})
 
 
@@ -65,7 +68,7 @@ def _check_secret(given: str, expected: object) -> None:
 
 async def _read_form(request: Request) -> dict[str, str]:
     if media_type(request) != FORM_TYPE:
-        raise BadRequest(f"Expected a {FORM_TYPE} body.", status=415)
+        raise BadRequest(f"Expected an {FORM_TYPE} body.", status=415)
     body = await read_body(request, limit=MAX_WEBHOOK_BYTES)
     try:
         pairs = parse_qsl(
@@ -86,10 +89,10 @@ def _required(form: dict[str, str], field: str) -> str:
     return value
 
 
-def contact_facts(form: dict[str, str], kind: str) -> ContactFacts:
+def read_contact_facts(form: dict[str, str], kind: str) -> ContactFacts:
     """Check a contact webhook's fields and turn them into `ContactFacts`."""
     ac_contact_id = _required(form, "contact[id]")
-    if not ac_contact_id.isdigit() or len(ac_contact_id) > 20:
+    if not AC_ID.fullmatch(ac_contact_id):
         raise BadRequest('Expected "contact[id]" to be a numeric AC id.', status=422)
     try:
         email = normalize_email(_required(form, "contact[email]"))
@@ -99,18 +102,17 @@ def contact_facts(form: dict[str, str], kind: str) -> ContactFacts:
     return ContactFacts(
         ac_contact_id=ac_contact_id,
         email=email,
-        as_of=_parse_time(form.get("date_time", "")),
-        source="webhook",
+        as_of=_parse_time(_required(form, "date_time")),
+        source=Source.WEBHOOK,
         status=CONTACT_EVENTS[kind],
     )
 
 
 def _parse_time(value: str) -> datetime:
-    # A webhook without a time is taken as news from now.
-    if not value.strip():
-        return utcnow()
+    # The time is required: staleness is judged by it, so a webhook without
+    # one cannot be placed among the others.
     try:
-        moment = datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(value)
     except ValueError as exc:
         raise BadRequest(
             'Expected "date_time" as ISO 8601, like 2024-05-02T08:30:00-05:00.',

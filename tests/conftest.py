@@ -1,28 +1,27 @@
 """Fixtures: a fresh database per test on SQLite and on PostgreSQL, built by
-the migrations, the fake AC on loopback, and an in-process client."""
+the migrations; the fake AC on loopback; and in-process clients."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy import Engine
-from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from mapper.app import create_app
 from mapper.db import make_engine, upgrade
-from mapper.settings import Settings, load_settings
+from mapper.settings import Settings
 from tests.fake_ac import FakeAC
+from tests.helpers import make_settings
 
 DEFAULT_TEST_PG = "postgresql://postgres:postgres@127.0.0.1:5432/test"
-SECRET_KEY = "test-signing-key-0123456789abcdef"
-WEBHOOK_SECRET = "test-webhook-secret-0123456789"
-SITE = "shop.example"
 BASE_URL = "https://mapper.shop.example"
+
+ClientFactory = Callable[..., TestClient]
 
 
 def postgres_url() -> str:
@@ -65,37 +64,30 @@ def fake_ac() -> Iterator[FakeAC]:
         yield ac
 
 
-def make_settings(database_url: str, fake_ac: FakeAC | None, **env: str) -> Settings:
-    """Settings as an operator would give them, pointed at the fake AC."""
-    environ = {
-        "MAPPER_DATABASE_URL": database_url,
-        "MAPPER_SECRET_KEYS": SECRET_KEY,
-        "MAPPER_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "MAPPER_ALLOWED_HOSTS": SITE,
-        "MAPPER_ALLOWED_ORIGINS": f"https://{SITE}",
-    }
-    if fake_ac is not None:
-        environ |= {
-            "MAPPER_AC_API_URL": fake_ac.url,
-            "MAPPER_AC_API_KEY": fake_ac.api_key,
-            "MAPPER_AC_ACTID": fake_ac.actid,
-            "MAPPER_AC_EVENT_KEY": fake_ac.event_key,
-            "MAPPER_AC_TRACK_URL": fake_ac.track_url,
-        }
-    return load_settings(environ | env, env_file=None)
-
-
 @pytest.fixture
 def settings(database_url: str, fake_ac: FakeAC) -> Settings:
     return make_settings(database_url, fake_ac)
 
 
 @pytest.fixture
-def app(settings: Settings, engine: Engine) -> Starlette:
-    return create_app(settings, engine=engine, deliver=False)
+def client_with(
+    database_url: str, engine: Engine, fake_ac: FakeAC
+) -> Iterator[ClientFactory]:
+    """Make in-process clients of apps with settings changed by `env`."""
+    clients: list[TestClient] = []
+
+    def make(*, with_ac: bool = True, **env: str) -> TestClient:
+        settings = make_settings(database_url, fake_ac if with_ac else None, **env)
+        app = create_app(settings, engine=engine, deliver=False)
+        client = TestClient(app, base_url=BASE_URL, follow_redirects=False)
+        clients.append(client.__enter__())
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
 
 
 @pytest.fixture
-def client(app: Starlette) -> Iterator[TestClient]:
-    with TestClient(app, base_url=BASE_URL, follow_redirects=False) as client:
-        yield client
+def client(client_with: ClientFactory) -> TestClient:
+    return client_with()

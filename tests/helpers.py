@@ -1,26 +1,68 @@
-"""Builders for the requests AC and browsers send, shared by the tests."""
+"""Values and builders the tests share: settings as an operator gives them,
+the bodies AC and browsers send, and reads of what the database holds.
+
+Every email, hash and key here is made up.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from mapper.models import Contact, Event, Visitor
+from mapper.settings import Settings, load_settings
+from tests.fake_ac import FakeAC
 
+SECRET_KEY = "test-signing-key-0123456789abcdef"
+WEBHOOK_SECRET = "test-webhook-secret-0123456789"
+WEBHOOK_URL = f"/webhooks/activecampaign/{WEBHOOK_SECRET}"
+SITE = "shop.example"
+PAGE = f"https://{SITE}/pricing?utm_source=email"
+ORIGIN = f"https://{SITE}"
+EMAIL = "alice@example.com"
+HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+JSON_FROM_SITE = {"Content-Type": "application/json", "Origin": ORIGIN}
+
+
+def ac_env(fake_ac: FakeAC) -> dict[str, str]:
+    """The settings that point mapper at the fake AC."""
+    return {
+        "MAPPER_AC_API_URL": fake_ac.url,
+        "MAPPER_AC_API_KEY": fake_ac.api_key,
+        "MAPPER_AC_ACTID": fake_ac.actid,
+        "MAPPER_AC_EVENT_KEY": fake_ac.event_key,
+        "MAPPER_AC_TRACK_URL": fake_ac.track_url,
+    }
+
+
+def make_settings(database_url: str, fake_ac: FakeAC | None, **env: str) -> Settings:
+    """Settings as an operator would give them, pointed at the fake AC."""
+    environ = {
+        "MAPPER_DATABASE_URL": database_url,
+        "MAPPER_SECRET_KEYS": SECRET_KEY,
+        "MAPPER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "MAPPER_ALLOWED_HOSTS": SITE,
+        "MAPPER_ALLOWED_ORIGINS": ORIGIN,
+    }
+    if fake_ac is not None:
+        environ |= ac_env(fake_ac)
+    return load_settings(environ | env, env_file=None)
 
 
 def contact_webhook(
     kind: str = "update",
     *,
     contact_id: str = "42",
-    email: str = "alice@example.com",
+    email: str = EMAIL,
     date_time: str = "2024-05-02T08:30:00-05:00",
     **extra: str,
 ) -> str:
-    """A contact webhook body in the form AC posts it (sample F of the AC notes)."""
+    """A contact webhook body in the form AC posts it, bracketed keys and all."""
     fields = {
         "type": kind,
         "date_time": date_time,
@@ -55,3 +97,12 @@ def visitors(engine: Engine) -> list[Visitor]:
 def events(engine: Engine) -> list[Event]:
     with Session(engine) as session:
         return list(session.scalars(select(Event).order_by(Event.id)))
+
+
+def wait_until(condition: Callable[[], object], *, seconds: float = 30) -> None:
+    """Poll `condition` until it is true; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Not true within {seconds} seconds.")
+        time.sleep(0.05)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +26,7 @@ from playwright.sync_api import (
 )
 
 from tests.fake_ac import DEFAULT_ACTID, DEFAULT_API_KEY, DEFAULT_EVENT_KEY, FakeAC
+from tests.helpers import ac_env, wait_until
 from tests.service import SECRET_KEY, WEBHOOK_SECRET, MapperProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -159,22 +159,10 @@ def require_chromium() -> str:
 
 
 def mapper_env(fake: FakeAC, site_url: str) -> dict[str, str]:
-    return {
-        "MAPPER_AC_API_URL": fake.url,
-        "MAPPER_AC_API_KEY": fake.api_key,
-        "MAPPER_AC_ACTID": fake.actid,
-        "MAPPER_AC_EVENT_KEY": fake.event_key,
-        "MAPPER_AC_TRACK_URL": fake.track_url,
+    return ac_env(fake) | {
         "MAPPER_ALLOWED_HOSTS": "127.0.0.1",
         "MAPPER_ALLOWED_ORIGINS": site_url,
     }
-
-
-def wait_for_events(fake: FakeAC) -> list[dict[str, str]]:
-    deadline = time.monotonic() + EVENT_WAIT_SECONDS
-    while not fake.events() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return fake.events()
 
 
 def walk(browser: Browser, site: Site, link: str, fake: FakeAC) -> Journey:
@@ -193,7 +181,8 @@ def walk(browser: Browser, site: Site, link: str, fake: FakeAC) -> Journey:
     document_cookie: str = page.evaluate("document.cookie")
 
     page.click("#buy")
-    events = wait_for_events(fake)
+    wait_until(fake.events, seconds=EVENT_WAIT_SECONDS)
+    events = fake.events()
     landed_url = page.url
     context.close()
     return Journey(
@@ -234,12 +223,18 @@ def journey(tmp_path_factory: pytest.TempPathFactory) -> Journey:
     return seen
 
 
-def test_browser_click_reaches_ac(journey: Journey) -> None:
-    cookie = next(c for c in journey.cookies if c["name"] == COOKIE_NAME)
+def test_browser_lands_without_hash(journey: Journey) -> None:
     assert journey.landed_url == f"{journey.site_url}/page.html?from=email"
+
+
+def test_browser_cookie_hidden_from_page(journey: Journey) -> None:
+    cookie = next(c for c in journey.cookies if c["name"] == COOKIE_NAME)
+
     assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Lax")
     assert COOKIE_NAME not in journey.document_cookie
 
+
+def test_browser_click_reaches_ac(journey: Journey) -> None:
     assert journey.events == [
         {
             "actid": DEFAULT_ACTID,

@@ -86,7 +86,16 @@ def test_retry_after_http_date() -> None:
     assert moment == later
 
 
-@pytest.mark.parametrize("value", [None, "soon", "-5", ""])
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(None, id="absent"),
+        pytest.param("soon", id="word"),
+        pytest.param("-5", id="negative"),
+        pytest.param("", id="empty"),
+        pytest.param("\u00b2", id="superscript"),
+    ],
+)
 def test_retry_after_unreadable(value: str | None) -> None:
     assert _retry_after(value) is None
 
@@ -94,5 +103,44 @@ def test_retry_after_unreadable(value: str | None) -> None:
 def test_retry_after_past_date_is_now() -> None:
     moment = _retry_after("Mon, 01 Jan 2001 00:00:00 -0000")
 
-    assert moment is not None and moment <= datetime.now(UTC)
-    assert moment > datetime.now(UTC) - timedelta(seconds=5)
+    assert moment is not None
+    assert abs(moment - datetime.now(UTC)) < timedelta(seconds=5)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("86400", id="a-day"),
+        pytest.param("9" * 30, id="huge"),
+        pytest.param("Fri, 01 Jan 2100 00:00:00 GMT", id="far-date"),
+    ],
+)
+def test_retry_after_capped_at_hour(value: str) -> None:
+    moment = _retry_after(value)
+
+    assert moment is not None
+    assert moment - datetime.now(UTC) <= timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            {"result_code": 1, "id": "42", "email": "a@example.com", "hash": "f" * 32},
+            id="other-hash",
+        ),
+        pytest.param(
+            {"result_code": 1, "id": "x", "email": "a@example.com", "hash": HASH},
+            id="bad-id",
+        ),
+        pytest.param(
+            {"result_code": 1, "id": "42", "email": "nope", "hash": HASH},
+            id="bad-email",
+        ),
+        pytest.param({"result_code": 1, "id": "42", "hash": HASH}, id="no-email"),
+        pytest.param({"result_code": 1, "0": {"id": "42"}}, id="list-shape"),
+        pytest.param({"result_code": 0, "result_message": "Nothing"}, id="not-found"),
+    ],
+)
+def test_view_refuses_odd_answers(answer: dict[str, object]) -> None:
+    assert _contact_from_view(answer, HASH) is None

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from mapper.db import check_schema, engine_url, make_engine, upgrade
+from mapper.db import alembic_config, check_schema, engine_url, make_engine, upgrade
 from mapper.errors import SchemaError
-from mapper.models import Contact, Visitor
+from mapper.models import Base, Contact, Visitor
 from tests.helpers import contacts
 
 
@@ -50,7 +55,7 @@ def test_times_read_back_utc(engine: Engine) -> None:
     [stored] = contacts(engine)
 
     assert stored.ac_updated_at == moment
-    assert stored.ac_updated_at is not None and stored.ac_updated_at.tzinfo == UTC
+    assert stored.ac_updated_at.tzinfo == UTC  # type: ignore[union-attr]
 
 
 def test_naive_time_refused(engine: Engine) -> None:
@@ -65,11 +70,38 @@ def test_check_schema_current_passes(engine: Engine) -> None:
     check_schema(engine)
 
 
-def test_check_schema_empty_database(tmp_path: object) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/empty.db")
+def test_check_schema_empty_database(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
 
     with pytest.raises(SchemaError, match="mapper db upgrade"):
-        check_schema(engine)
+        check_schema(make_engine(f"sqlite:///{path}"))
+
+
+def test_check_schema_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "never-made.db"
+
+    with pytest.raises(SchemaError, match="does not exist"):
+        check_schema(make_engine(f"sqlite:///{path}"))
+    assert not path.exists()
+
+
+def test_unreachable_database_named(tmp_path: Path) -> None:
+    url = "postgresql://someone:planted-password@127.0.0.1:9/nothing"
+
+    with pytest.raises(SchemaError, match="MAPPER_DATABASE_URL") as caught:
+        upgrade(url)
+
+    assert "planted-password" not in str(caught.value)
+    assert caught.value.__cause__ is None
+
+
+def test_models_match_migrations(engine: Engine) -> None:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+
+    assert differences == []
 
 
 def test_upgrade_is_repeatable(database_url: str, engine: Engine) -> None:
@@ -79,17 +111,13 @@ def test_upgrade_is_repeatable(database_url: str, engine: Engine) -> None:
 
 
 def test_downgrade_then_upgrade(database_url: str, engine: Engine) -> None:
-    from alembic import command
-
-    from mapper.db import alembic_config
-
     command.downgrade(alembic_config(database_url), "base")
     upgrade(database_url)
 
     check_schema(engine)
 
 
-def test_sqlite_pragmas_applied(tmp_path: object) -> None:
+def test_sqlite_pragmas_applied(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path}/p.db")
 
     with engine.connect() as connection:
@@ -102,9 +130,11 @@ def test_sqlite_pragmas_applied(tmp_path: object) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("postgresql://u:p@h/db", "postgresql+psycopg://u:p@h/db"),
-        ("postgres://u:p@h/db", "postgresql+psycopg://u:p@h/db"),
-        ("sqlite:///x.db", "sqlite:///x.db"),
+        pytest.param("postgresql://u:p@h/db", "postgresql+psycopg://u:p@h/db", id="pg"),
+        pytest.param(
+            "postgres://u:p@h/db", "postgresql+psycopg://u:p@h/db", id="short"
+        ),
+        pytest.param("sqlite:///x.db", "sqlite:///x.db", id="sqlite"),
     ],
 )
 def test_engine_url_picks_driver(url: str, expected: str) -> None:
@@ -113,4 +143,12 @@ def test_engine_url_picks_driver(url: str, expected: str) -> None:
 
 def test_engine_hides_parameters(engine: Engine) -> None:
     assert engine.hide_parameters
-    assert not create_engine("sqlite://").hide_parameters
+
+
+def test_check_schema_unreachable_server() -> None:
+    engine = make_engine("postgresql://someone:planted-password@127.0.0.1:9/x")
+
+    with pytest.raises(SchemaError, match="Could not open") as caught:
+        check_schema(engine)
+
+    assert "planted-password" not in str(caught.value)

@@ -12,31 +12,42 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
-from mapper.clients import ACClient, DeliveryResult
+from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.db import make_engine, make_sessionmaker
 from mapper.delivery import DeliveryWorker, backoff, claim_due, record_result
 from mapper.models import Event, utcnow
 from mapper.settings import Settings
-from tests.conftest import WEBHOOK_SECRET, make_settings
 from tests.fake_ac import FakeAC
-from tests.helpers import FORM, contact_webhook, events
-
-HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
-ORIGIN = {"Origin": "https://shop.example", "Content-Type": "application/json"}
+from tests.helpers import (
+    EMAIL,
+    FORM,
+    HASH,
+    JSON_FROM_SITE,
+    WEBHOOK_URL,
+    contact_webhook,
+    events,
+    make_settings,
+)
 
 
 def _identified_events(client: TestClient, fake_ac: FakeAC, *names: str) -> None:
-    fake_ac.add_contact(contact_id="42", email="alice@example.com", hash=HASH)
+    fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
     client.get("/go", params={"h": HASH, "to": "https://shop.example/"})
     for name in names:
         body = json.dumps({"event": name, "data": {"plan": "pro"}})
-        client.post("/track", content=body, headers=ORIGIN)
+        client.post("/track", content=body, headers=JSON_FROM_SITE)
+    # From here on the fake records only what delivery sends.
+    fake_ac.reset()
 
 
 def _deliver(settings: Settings, engine: Engine) -> int:
+    """Run one delivery round; return how many events it attempted."""
+
     async def round_trip() -> int:
         client = ACClient(settings)
-        worker = DeliveryWorker(settings, make_sessionmaker(engine), client)
+        worker = DeliveryWorker(
+            settings, sessions=make_sessionmaker(engine), client=client
+        )
         try:
             return await worker.deliver_round()
         finally:
@@ -49,7 +60,6 @@ def test_delivery_posts_documented_form(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "viewed_pricing")
-    fake_ac.reset()
 
     _deliver(settings, engine)
 
@@ -69,10 +79,10 @@ def test_delivery_uses_current_email(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "viewed_pricing")
-    changed = contact_webhook(email="alice.new@example.com", date_time="2099-01-01")
-    client.post(
-        f"/webhooks/activecampaign/{WEBHOOK_SECRET}", content=changed, headers=FORM
+    changed = contact_webhook(
+        email="alice.new@example.com", date_time="2099-01-01T00:00:00Z"
     )
+    client.post(WEBHOOK_URL, content=changed, headers=FORM)
 
     _deliver(settings, engine)
 
@@ -83,7 +93,7 @@ def test_delivery_without_data_omits_field(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac)
-    client.post("/track", content=b'{"event": "bare"}', headers=ORIGIN)
+    client.post("/track", content=b'{"event": "bare"}', headers=JSON_FROM_SITE)
 
     _deliver(settings, engine)
 
@@ -94,19 +104,18 @@ def test_delivery_no_lookup_per_event(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, *[f"event_{n}" for n in range(30)])
-    lookups_before = fake_ac.lookups()
 
     while _deliver(settings, engine):
         pass
 
     assert len(fake_ac.events()) == 30
-    assert fake_ac.lookups() == lookups_before == 1
+    assert fake_ac.lookups() == 0
 
 
 def test_delivery_keeps_held_events(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
-    client.post("/track", content=b'{"event": "anonymous"}', headers=ORIGIN)
+    client.post("/track", content=b'{"event": "anonymous"}', headers=JSON_FROM_SITE)
 
     attempted = _deliver(settings, engine)
 
@@ -206,7 +215,9 @@ def test_worker_without_credentials_logs_once(
 
     async def run() -> None:
         client = ACClient(settings)
-        worker = DeliveryWorker(settings, make_sessionmaker(engine), client)
+        worker = DeliveryWorker(
+            settings, sessions=make_sessionmaker(engine), client=client
+        )
         await asyncio.wait_for(worker.run(asyncio.Event()), timeout=5)
         await client.aclose()
 
@@ -226,7 +237,9 @@ def test_worker_runs_until_stopped(
         stop = asyncio.Event()
         ac = ACClient(settings)
         task = asyncio.create_task(
-            DeliveryWorker(settings, make_sessionmaker(engine), ac).run(stop)
+            DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac).run(
+                stop
+            )
         )
         for _ in range(100):
             if fake_ac.events():
@@ -249,30 +262,88 @@ def test_backoff_grows_and_caps() -> None:
     assert delays[3] <= 3600 * 1.2
 
 
+def _run_rounds(settings: Settings, engine: Engine, rounds: int = 1) -> DeliveryWorker:
+    async def run() -> DeliveryWorker:
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        for _ in range(rounds):
+            await worker.deliver_round()
+        await ac.aclose()
+        return worker
+
+    return asyncio.run(run())
+
+
 def test_worker_pauses_after_rate_limit(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "first", "second")
     fake_ac.set_mode("rate_limit", retry_after=60)
 
-    async def two_rounds() -> tuple[int, int, float]:
+    worker = _run_rounds(settings, engine, rounds=3)
+
+    assert len(fake_ac.requests) == 1
+    assert worker.paused_until is not None
+    assert (
+        timedelta(seconds=55) < worker.paused_until - utcnow() <= timedelta(minutes=1)
+    )
+
+
+def test_round_stops_before_lease_ends(
+    client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "first", "second")
+    fake_ac.set_mode("slow", delay=0.6)
+    tight = make_settings(
+        database_url, fake_ac, MAPPER_DELIVERY_LEASE="10.5", MAPPER_AC_TIMEOUT="10"
+    )
+
+    _run_rounds(tight, engine)
+
+    first, second = events(engine)
+    assert (first.status, second.status) == ("delivered", "pending")
+    assert second.lease_token is None and second.attempts == 0
+
+
+def test_round_sends_nothing_when_stopping(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "first")
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        stop.set()
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, make_sessionmaker(engine), ac)
-        first = await worker.deliver_round()
-        second = await worker.deliver_round()
-        idle = worker._idle_time()
+        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        await worker.run(stop)
+        attempted = await worker.deliver_round()
         await ac.aclose()
-        return first, second, idle
+        return attempted
 
-    first, second, idle = asyncio.run(two_rounds())
+    assert asyncio.run(run()) == 0
+    assert fake_ac.requests == []
+    assert events(engine)[0].lease_token is None
 
-    assert (first, second) == (1, 0)
-    assert 50 < idle <= 60
-    assert len(fake_ac.requests) - 1 == 1
+
+def test_record_result_lost_lease(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "contested")
+    sessions = make_sessionmaker(engine)
+    [stale] = claim_due(sessions, limit=10, lease=60)
+    with Session(engine) as session, session.begin():
+        session.execute(update(Event).values(lease_until=utcnow()))
+    [fresh] = claim_due(sessions, limit=10, lease=60)
+
+    late = DeliveryResult(Outcome.REFUSED, "late answer")
+    record_result(sessions, claim=stale, result=late)
+
+    [event] = events(engine)
+    assert (event.status, event.lease_token) == ("pending", fresh.lease_token)
 
 
 def test_record_result_event_gone(
-    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+    client: TestClient, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "erased")
     sessions = make_sessionmaker(engine)
@@ -280,7 +351,9 @@ def test_record_result_event_gone(
     with Session(engine) as session, session.begin():
         session.query(Event).delete()
 
-    record_result(sessions, claim, DeliveryResult("delivered", "Event spawned"))
+    record_result(
+        sessions, claim=claim, result=DeliveryResult(Outcome.DELIVERED, "Spawned")
+    )
 
     assert events(engine) == []
 
@@ -294,7 +367,7 @@ def test_worker_survives_failed_round(
     async def run() -> None:
         stop = asyncio.Event()
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, unreachable, ac)
+        worker = DeliveryWorker(settings, sessions=unreachable, client=ac)
         task = asyncio.create_task(worker.run(stop))
         await asyncio.sleep(0.2)
         stop.set()
@@ -305,3 +378,24 @@ def test_worker_survives_failed_round(
         asyncio.run(run())
 
     assert "Delivery round failed" in caplog.text
+
+
+def test_worker_loop_waits_out_pause(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "first", "second")
+    fake_ac.set_mode("rate_limit", retry_after=60)
+
+    async def run_briefly() -> None:
+        stop = asyncio.Event()
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await task
+        await ac.aclose()
+
+    asyncio.run(run_briefly())
+
+    assert len(fake_ac.requests) == 1

@@ -8,10 +8,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mapper.db import make_sessionmaker
+from mapper.errors import StoreConflict
 from mapper.store import run_transaction, touch_visitor
 from mapper.tokens import new_visitor_id
-from mapper.web import UNKNOWN_HASH_LIMIT, UnknownHashes
-from tests.helpers import visitors
+from tests.helpers import EMAIL, visitors
 
 
 def test_run_transaction_gives_up(engine: Engine) -> None:
@@ -19,11 +19,13 @@ def test_run_transaction_gives_up(engine: Engine) -> None:
 
     def always_conflicts(session: Session) -> None:
         calls.append(1)
-        raise IntegrityError("INSERT", {}, Exception("conflict"))
+        raise IntegrityError("INSERT", {}, Exception(f"Key (email)=({EMAIL})"))
 
-    with pytest.raises(IntegrityError):
+    with pytest.raises(StoreConflict) as caught:
         run_transaction(make_sessionmaker(engine), always_conflicts)
+
     assert len(calls) == 3
+    assert caught.value.__cause__ is None and EMAIL not in str(caught.value)
 
 
 def test_run_transaction_rolls_back(engine: Engine) -> None:
@@ -36,7 +38,7 @@ def test_run_transaction_rolls_back(engine: Engine) -> None:
     assert visitors(engine) == []
 
 
-def test_touch_visitor_unknown_id_new(engine: Engine) -> None:
+def test_touch_visitor_unknown_id(engine: Engine) -> None:
     sessions = make_sessionmaker(engine)
     stale = new_visitor_id()
 
@@ -44,14 +46,3 @@ def test_touch_visitor_unknown_id_new(engine: Engine) -> None:
 
     assert created != stale
     assert [v.public_id for v in visitors(engine)] == [created]
-
-
-def test_unknown_hashes_bounded() -> None:
-    cache = UnknownHashes()
-    for number in range(UNKNOWN_HASH_LIMIT):
-        cache.add(f"{number:032x}")
-
-    cache.add("f" * 32)
-
-    assert "f" * 32 in cache
-    assert f"{0:032x}" not in cache

@@ -11,23 +11,21 @@ from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
 from tests.fake_ac import FakeAC
-from tests.helpers import events, visitors
+from tests.helpers import EMAIL, HASH, ORIGIN, PAGE, events, visitors
 
-HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
-PAGE = "https://shop.example/"
-ORIGIN = {"Origin": "https://shop.example"}
+FROM_SITE = {"Origin": ORIGIN}
 
 
 def _track(client: TestClient, payload: object, **headers: str) -> httpx2.Response:
     return client.post(
         "/track",
         content=json.dumps(payload),
-        headers={"Content-Type": "application/json", **ORIGIN, **headers},
+        headers={"Content-Type": "application/json", **FROM_SITE, **headers},
     )
 
 
 def _identify(client: TestClient, fake_ac: FakeAC) -> None:
-    fake_ac.add_contact(contact_id="42", email="alice@example.com", hash=HASH)
+    fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
     client.get("/go", params={"h": HASH, "to": PAGE})
 
 
@@ -56,7 +54,7 @@ def test_track_anonymous_is_held(client: TestClient, engine: Engine) -> None:
     assert [event.status for event in events(engine)] == ["held"]
 
 
-def test_track_held_released_on_identify(
+def test_track_held_until_identified(
     client: TestClient, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _track(client, {"event": "first"})
@@ -73,7 +71,7 @@ def test_track_text_plain_accepted(client: TestClient, engine: Engine) -> None:
     response = client.post(
         "/track",
         content=json.dumps({"event": "beacon"}),
-        headers={"Content-Type": "text/plain;charset=UTF-8", **ORIGIN},
+        headers={"Content-Type": "text/plain;charset=UTF-8", **FROM_SITE},
     )
 
     assert response.status_code == 202
@@ -92,7 +90,7 @@ def test_track_text_plain_accepted(client: TestClient, engine: Engine) -> None:
         pytest.param("caf\u00e9", "caf\u00e9", id="unicode"),
     ],
 )
-def test_track_data_as_string(
+def test_track_data_stored_as_text(
     client: TestClient, engine: Engine, data: object, stored: str | None
 ) -> None:
     _track(client, {"event": "e", "data": data})
@@ -110,7 +108,7 @@ def test_track_client_id_deduplicates(client: TestClient, engine: Engine) -> Non
     assert len(events(engine)) == 1
 
 
-def test_track_same_id_other_visitor_kept(client: TestClient, engine: Engine) -> None:
+def test_track_id_per_visitor(client: TestClient, engine: Engine) -> None:
     payload = {"event": "clicked", "id": "same-id"}
 
     _track(client, payload)
@@ -120,7 +118,7 @@ def test_track_same_id_other_visitor_kept(client: TestClient, engine: Engine) ->
     assert len(events(engine)) == 2
 
 
-def test_track_event_name_32_chars_ok(client: TestClient, engine: Engine) -> None:
+def test_track_32_char_name(client: TestClient, engine: Engine) -> None:
     response = _track(client, {"event": "n" * 32})
 
     assert response.status_code == 202
@@ -132,6 +130,21 @@ def test_track_event_name_32_chars_ok(client: TestClient, engine: Engine) -> Non
         pytest.param(b"{not json", 400, "JSON", id="malformed"),
         pytest.param(b"\xff\xfe{}", 400, "UTF-8", id="not-utf8"),
         pytest.param(b"[1, 2]", 400, "object", id="array"),
+        pytest.param(b'{"event": "e", "data": NaN}', 400, "JSON", id="nan"),
+        pytest.param(b'{"event": "e", "data": -Infinity}', 400, "JSON", id="infinity"),
+        pytest.param(b'{"event": "e", "data": 1e999}', 400, "JSON", id="overflow"),
+        pytest.param(
+            b'{"event": "e", "data": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+            400,
+            "nested",
+            id="deep",
+        ),
+        pytest.param(
+            b'{"event": "e", "data": "\\ud800"}', 422, '"data"', id="surrogate"
+        ),
+        pytest.param(
+            b'{"event": "e", "data": ["\\udfff"]}', 422, '"data"', id="nested-surrogate"
+        ),
         pytest.param(b"{}", 422, '"event"', id="no-event"),
         pytest.param(b'{"event": ""}', 422, '"event"', id="empty-event"),
         pytest.param(b'{"event": 5}', 422, '"event"', id="number-event"),
@@ -152,7 +165,9 @@ def test_track_bad_body_refused(
     client: TestClient, engine: Engine, body: bytes, status: int, field: str
 ) -> None:
     response = client.post(
-        "/track", content=body, headers={"Content-Type": "application/json", **ORIGIN}
+        "/track",
+        content=body,
+        headers={"Content-Type": "application/json", **FROM_SITE},
     )
 
     assert response.status_code == status
@@ -167,7 +182,7 @@ def test_track_oversized_is_413(client: TestClient, engine: Engine) -> None:
     assert events(engine) == []
 
 
-def test_track_oversized_without_length_413(client: TestClient, engine: Engine) -> None:
+def test_track_streamed_oversize_413(client: TestClient, engine: Engine) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'{"event": "big", "data": "'
         for _ in range(20):
@@ -177,15 +192,15 @@ def test_track_oversized_without_length_413(client: TestClient, engine: Engine) 
     response = client.post(
         "/track",
         content=chunks(),
-        headers={"Content-Type": "application/json", **ORIGIN},
+        headers={"Content-Type": "application/json", **FROM_SITE},
     )
 
     assert response.status_code == 413
     assert events(engine) == []
 
 
-def test_track_wrong_content_type_415(client: TestClient, engine: Engine) -> None:
-    response = client.post("/track", data={"event": "x"}, headers=ORIGIN)
+def test_track_form_body_415(client: TestClient, engine: Engine) -> None:
+    response = client.post("/track", data={"event": "x"}, headers=FROM_SITE)
 
     assert response.status_code == 415
     assert events(engine) == []
@@ -225,11 +240,25 @@ def test_track_preflight_foreign_origin(client: TestClient) -> None:
         },
     )
 
-    assert response.status_code == 400
+    assert response.json()["status"] == 400
     assert "access-control-allow-origin" not in response.headers
 
 
-def test_track_tampered_cookie_new_visitor(
+def test_track_preflight_allowed_origin(client: TestClient) -> None:
+    response = client.options(
+        "/track",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_track_tampered_cookie_anonymous(
     client: TestClient, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identify(client, fake_ac)
