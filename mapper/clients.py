@@ -98,7 +98,7 @@ class ACClient:
             # it must not travel on in a traceback.
             raise ACUnavailable("AC's contact API gave no usable answer.") from None
 
-        return _contact_from_view(body, ac_hash)
+        return read_view_answer(body, ac_hash)
 
     async def send_event(
         self, *, email: str, name: str, data: str | None
@@ -118,10 +118,14 @@ class ACClient:
         except httpx.HTTPError as exc:
             return DeliveryResult(Outcome.RETRY, f"Network error: {type(exc).__name__}")
 
-        return _result_from_track(response)
+        return read_track_answer(response)
 
 
-def _contact_from_view(body: Any, ac_hash: str) -> LookedUpContact | None:
+def read_view_answer(body: Any, ac_hash: str) -> LookedUpContact | None:
+    """Read a `contact_view_hash` answer; None when AC knows no such contact.
+
+    Raises `ACUnavailable` for an answer not in v1's documented envelope.
+    """
     if not isinstance(body, dict) or "result_code" not in body:
         raise ACUnavailable("AC's contact API answered without a result code.")
     if str(body["result_code"]) != "1":
@@ -140,10 +144,11 @@ def _contact_from_view(body: Any, ac_hash: str) -> LookedUpContact | None:
     return LookedUpContact(str(contact_id), normalized, ac_hash)
 
 
-def _result_from_track(response: httpx.Response) -> DeliveryResult:
+def read_track_answer(response: httpx.Response) -> DeliveryResult:
+    """Judge an event post by AC's answer: delivered, retry, or refused."""
     status = response.status_code
     if status == 429 or status >= 500:
-        retry_at = _retry_after(response.headers.get("Retry-After"))
+        retry_at = parse_retry_after(response.headers.get("Retry-After"))
         return DeliveryResult(Outcome.RETRY, f"AC answered HTTP {status}.", retry_at)
 
     try:
@@ -164,7 +169,7 @@ def _result_from_track(response: httpx.Response) -> DeliveryResult:
     return DeliveryResult(Outcome.REFUSED, message or f"AC answered HTTP {status}.")
 
 
-def _retry_after(value: str | None) -> datetime | None:
+def parse_retry_after(value: str | None) -> datetime | None:
     """Read a Retry-After header given in seconds or as an HTTP date."""
     if value is None:
         return None

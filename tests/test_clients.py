@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from mapper.clients import _contact_from_view, _result_from_track, _retry_after
+from mapper.clients import parse_retry_after, read_track_answer, read_view_answer
 from mapper.errors import ACUnavailable
 
 HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
@@ -23,13 +23,13 @@ HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
 )
 def test_view_without_result_code_unavailable(body: object) -> None:
     with pytest.raises(ACUnavailable):
-        _contact_from_view(body, HASH)
+        read_view_answer(body, HASH)
 
 
 def test_view_accepts_integer_id() -> None:
     answer = {"result_code": 1, "id": 42, "email": "a@EXAMPLE.com", "hash": HASH}
 
-    found = _contact_from_view(answer, HASH)
+    found = read_view_answer(answer, HASH)
 
     assert found is not None
     assert (found.ac_contact_id, found.email) == ("42", "a@example.com")
@@ -62,17 +62,17 @@ def _response(status: int, body: object = None, **headers: str) -> httpx.Respons
     ],
 )
 def test_track_answers_classified(response: httpx.Response, outcome: str) -> None:
-    assert _result_from_track(response).outcome == outcome
+    assert read_track_answer(response).outcome == outcome
 
 
 def test_track_refusal_keeps_message() -> None:
     answer = _response(200, {"success": 0, "message": "Invalid key."})
 
-    assert _result_from_track(answer).message == "Invalid key."
+    assert read_track_answer(answer).message == "Invalid key."
 
 
 def test_retry_after_seconds() -> None:
-    moment = _retry_after("30")
+    moment = parse_retry_after("30")
 
     assert moment is not None
     assert timedelta(seconds=29) < moment - datetime.now(UTC) <= timedelta(seconds=30)
@@ -81,7 +81,7 @@ def test_retry_after_seconds() -> None:
 def test_retry_after_http_date() -> None:
     later = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
 
-    moment = _retry_after(later.strftime("%a, %d %b %Y %H:%M:%S GMT"))
+    moment = parse_retry_after(later.strftime("%a, %d %b %Y %H:%M:%S GMT"))
 
     assert moment == later
 
@@ -97,11 +97,11 @@ def test_retry_after_http_date() -> None:
     ],
 )
 def test_retry_after_unreadable(value: str | None) -> None:
-    assert _retry_after(value) is None
+    assert parse_retry_after(value) is None
 
 
 def test_retry_after_past_date_is_now() -> None:
-    moment = _retry_after("Mon, 01 Jan 2001 00:00:00 -0000")
+    moment = parse_retry_after("Mon, 01 Jan 2001 00:00:00 -0000")
 
     assert moment is not None
     assert abs(moment - datetime.now(UTC)) < timedelta(seconds=5)
@@ -116,7 +116,7 @@ def test_retry_after_past_date_is_now() -> None:
     ],
 )
 def test_retry_after_capped_at_hour(value: str) -> None:
-    moment = _retry_after(value)
+    moment = parse_retry_after(value)
 
     assert moment is not None
     assert moment - datetime.now(UTC) <= timedelta(hours=1)
@@ -143,4 +143,4 @@ def test_retry_after_capped_at_hour(value: str) -> None:
     ],
 )
 def test_view_refuses_odd_answers(answer: dict[str, object]) -> None:
-    assert _contact_from_view(answer, HASH) is None
+    assert read_view_answer(answer, HASH) is None
