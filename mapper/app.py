@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib.resources import files
@@ -32,6 +33,8 @@ from mapper.tokens import VisitorSigner
 from mapper.tracking import track
 from mapper.web import Runtime
 from mapper.webhooks import activecampaign_webhook
+
+logger = logging.getLogger(__name__)
 
 SNIPPET = files("mapper").joinpath("static/mapper.js").read_text("utf-8")
 
@@ -129,6 +132,7 @@ def _lifespan(
         await state.ac.aclose()
         if owns_engine:
             state.engine.dispose()
+        logger.info("mapper has stopped.")
 
     return lifespan
 

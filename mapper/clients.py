@@ -6,6 +6,7 @@ the server, and they go only to AC. Nothing here logs a URL or a body.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -88,12 +89,13 @@ class ACClient:
             "hash": ac_hash,
         }
         try:
-            response = await self._http.get(
-                f"{settings.ac_api_url}/admin/api.php", params=params
-            )
+            async with asyncio.timeout(settings.ac_timeout):
+                response = await self._http.get(
+                    f"{settings.ac_api_url}/admin/api.php", params=params
+                )
             response.raise_for_status()
             body = response.json()
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, TimeoutError):
             # The httpx error's text holds the request URL, API key included;
             # it must not travel on in a traceback.
             raise ACUnavailable("AC's contact API gave no usable answer.") from None
@@ -114,8 +116,11 @@ class ACClient:
         if data is not None:
             form["eventdata"] = data
         try:
-            response = await self._http.post(settings.ac_track_url, data=form)
-        except httpx.HTTPError as exc:
+            # httpx's timeout applies to each phase; this bounds the whole
+            # send, which must end before the event's lease does.
+            async with asyncio.timeout(settings.ac_timeout):
+                response = await self._http.post(settings.ac_track_url, data=form)
+        except (httpx.HTTPError, TimeoutError) as exc:
             return DeliveryResult(Outcome.RETRY, f"Network error: {type(exc).__name__}")
 
         return read_track_answer(response)
@@ -129,6 +134,11 @@ def read_view_answer(body: Any, ac_hash: str) -> LookedUpContact | None:
     if not isinstance(body, dict) or "result_code" not in body:
         raise ACUnavailable("AC's contact API answered without a result code.")
     if str(body["result_code"]) != "1":
+        # v1 answers a bad key with result code 0 as well; that is no news
+        # about the hash, so it must not be remembered as unknown.
+        if "authoriz" in str(body.get("result_message", "")).lower():
+            logger.warning("AC refused MAPPER_AC_API_KEY for a hash lookup.")
+            raise ACUnavailable("AC refused the API key.")
         return None
     contact_id, email, found_hash = body.get("id"), body.get("email"), body.get("hash")
     if not isinstance(contact_id, str | int) or not AC_ID.fullmatch(str(contact_id)):

@@ -22,11 +22,15 @@ from mapper.errors import SchemaError
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The driver's own message names the server and the user; this names the
+# The driver's own message names the server and the user; these name the
 # setting and the likely causes instead.
-_UNREACHABLE = (
+UNREACHABLE_SERVER = (
     "Could not open or migrate the database at MAPPER_DATABASE_URL. Check the "
     "address, the user and the password, and that the server is up."
+)
+UNREADABLE_FILE = (
+    "Could not open or migrate the SQLite file at MAPPER_DATABASE_URL. Check "
+    "that its folder exists and that mapper may write there."
 )
 MIGRATIONS = PROJECT_ROOT / "migrations"
 
@@ -88,7 +92,11 @@ def upgrade(url: str, revision: str = "head") -> None:
     try:
         command.upgrade(alembic_config(url), revision)
     except SQLAlchemyError:
-        raise SchemaError(_UNREACHABLE) from None
+        raise SchemaError(_unreachable(url)) from None
+
+
+def _unreachable(url: str) -> str:
+    return UNREADABLE_FILE if url.startswith("sqlite") else UNREACHABLE_SERVER
 
 
 def check_schema(engine: Engine) -> None:
@@ -109,7 +117,7 @@ def check_schema(engine: Engine) -> None:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError:
-        raise SchemaError(_UNREACHABLE) from None
+        raise SchemaError(_unreachable(str(engine.url))) from None
 
     if current != head:
         raise SchemaError(

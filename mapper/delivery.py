@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from mapper.clients import ACClient, DeliveryResult, Outcome
+from mapper.errors import describe_exception
 from mapper.models import Contact, Event, EventStatus, utcnow
 from mapper.settings import Settings
 
@@ -41,7 +42,7 @@ class Claim:
     lease_until: datetime
 
 
-def backoff(attempts: int) -> timedelta:
+def compute_backoff(attempts: int) -> timedelta:
     """How long to wait after the `attempts`-th failure, with jitter.
 
     The jitter spreads retries out, so that a backlog does not return to AC
@@ -105,15 +106,19 @@ def record_result(
 
         event.attempts += 1
         event.lease_until = event.lease_token = None
-        event.last_error = result.message
         if result.outcome is Outcome.DELIVERED:
             event.status = EventStatus.DELIVERED
             event.delivered_at = now
             event.last_error = None
-        elif result.outcome is Outcome.REFUSED:
-            event.status = EventStatus.DEAD
-        else:
-            event.next_attempt_at = result.retry_at or now + backoff(event.attempts)
+            return
+
+        # A refusal is kept for another try like any failure: AC's answers
+        # do not say whether the event or the account settings were wrong.
+        # TODO(#3): tell account-level refusals from ones about the event,
+        # and give up on an event after a bounded number of attempts.
+        event.last_error = result.message
+        retry_at = result.retry_at or now + compute_backoff(event.attempts)
+        event.next_attempt_at = retry_at
 
 
 def release(sessions: sessionmaker[Session], claims: list[Claim]) -> None:
@@ -145,6 +150,7 @@ class DeliveryWorker:
         self._sessions = sessions
         self._client = client
         self._stop = asyncio.Event()
+        self._failures = 0
         self.paused_until: datetime | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -153,17 +159,20 @@ class DeliveryWorker:
         missing = self._settings.missing_delivery_settings
         if missing:
             logger.warning(
-                "Event delivery to AC is paused until %s is set; "
+                "Event delivery to AC is paused until %s %s set; "
                 "events are kept until then.",
                 " and ".join(missing),
+                "is" if len(missing) == 1 else "are",
             )
             return
 
         while not stop.is_set():
             try:
                 attempted = await self.deliver_round()
-            except Exception:
-                logger.exception("Delivery round failed; trying again shortly.")
+            except Exception as exc:
+                # Only the type and place: a database error's text can
+                # quote the row it failed on.
+                logger.error("Delivery round failed (%s).", describe_exception(exc))
                 attempted = 0
             if attempted == 0:
                 with contextlib.suppress(TimeoutError):
@@ -188,15 +197,16 @@ class DeliveryWorker:
             lease=self._settings.delivery_lease,
         )
         attempted = 0
-        for claim in claims:
-            if not self._may_send(claim):
-                break
-            outcome = await self._deliver(claim)
-            attempted += 1
-            if outcome is Outcome.RETRY:
-                break
-
-        await run_in_threadpool(release, self._sessions, claims[attempted:])
+        try:
+            for claim in claims:
+                if not self._may_send(claim):
+                    break
+                outcome = await self._deliver(claim)
+                attempted += 1
+                if outcome is not Outcome.DELIVERED:
+                    break
+        finally:
+            await run_in_threadpool(release, self._sessions, claims[attempted:])
         return attempted
 
     def _may_send(self, claim: Claim) -> bool:
@@ -213,10 +223,18 @@ class DeliveryWorker:
             record_result, self._sessions, claim=claim, result=result
         )
 
-        if result.outcome is Outcome.RETRY:
-            # AC is down or rate limiting: pause rather than push the rest
-            # of the batch at a server that is not taking events.
-            self.paused_until = result.retry_at or utcnow() + backoff(1)
-        elif result.outcome is Outcome.REFUSED:
-            logger.warning("AC refused event %d; it is marked dead.", claim.event_id)
+        if result.outcome is Outcome.DELIVERED:
+            self._failures = 0
+            return result.outcome
+
+        # AC is down, rate limiting or refusing: pause, for longer after each
+        # failure in a row, rather than push the rest of the outbox at it.
+        self._failures += 1
+        pause = compute_backoff(self._failures)
+        self.paused_until = result.retry_at or utcnow() + pause
+        if result.outcome is Outcome.REFUSED:
+            # AC's own message stays in the database; it may quote the event.
+            logger.warning("AC refused event %d; it will be retried.", claim.event_id)
+        elif self._failures == 1:
+            logger.warning("AC is not taking events (%s); pausing.", result.message)
         return result.outcome

@@ -1,5 +1,7 @@
-"""The errors mapper raises, the one JSON shape HTTP errors take, and the
-guard that keeps unexpected exceptions' text out of answers and logs.
+"""The errors mapper raises, and the one JSON shape HTTP errors take.
+
+It also holds the guard that keeps unexpected exceptions' text, which can
+quote emails and keys, out of answers and logs.
 
 No message here carries a personal or secret value: each names the field or
 setting and what was expected.
@@ -16,17 +18,18 @@ setting and what was expected.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
-PACKAGE = str(Path(__file__).resolve().parent)
+PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class MapperError(Exception):
@@ -76,8 +79,7 @@ async def handle_bad_request(request: Request, exc: Exception) -> JSONResponse:
 
 
 class SafeErrors:
-    """Answers an unexpected exception with a bare 500 and logs only its
-    type and place.
+    """Answers an unexpected exception with a bare 500, logging no message.
 
     A database error's text can quote the row it failed on (an email, in a
     unique-key violation) and an HTTP client error quotes its URL, so
@@ -101,21 +103,30 @@ class SafeErrors:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:
+            # A beacon cut off by a closing page: nothing to answer or fix.
+            return
         except Exception as exc:
-            logger.error("Unexpected %s at %s.", type(exc).__name__, _place(exc))
+            logger.error("Unexpected error (%s).", describe_exception(exc))
             if not started:
                 response = error_response("Internal Server Error", 500)
                 await response(scope, receive, send)
 
 
-def _place(exc: BaseException) -> str:
-    # The innermost frame in mapper's own code says where to look; library
-    # frames below it say little more than the exception's type does.
+def describe_exception(exc: BaseException) -> str:
+    """Name an exception's type and where it was raised, without its message.
+
+    The place is the innermost frame in mapper's own code; library frames
+    below it say little more than the type does.
+    """
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [
         frame
         for frame in frames
         if frame.filename.startswith(PACKAGE) and frame.filename != __file__
     ]
+    if not frames:
+        return type(exc).__name__
     frame = (ours or frames)[-1]
-    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    place = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    return f"{type(exc).__name__} at {place}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -133,11 +133,8 @@ def safe_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -> 
     """
     if not raw or len(raw) > MAX_TARGET_LENGTH or not raw.isprintable():
         return default_target(settings)
-    parts = urlsplit(raw)
-    allowed = parts.scheme in {"http", "https"} and (
-        (parts.hostname or "") in settings.allowed_hosts
-    )
-    if not allowed or "\\" in parts.netloc:
+    parts = _split_allowed(raw, settings)
+    if parts is None:
         return default_target(settings)
     if ac_hash is None or ac_hash not in raw.lower():
         return raw
@@ -149,6 +146,22 @@ def safe_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -> 
     query = urlencode(kept) if kept != pairs else parts.query
     fragment = "" if ac_hash in parts.fragment.lower() else parts.fragment
     return urlunsplit(parts._replace(query=query, fragment=fragment))
+
+
+def _split_allowed(raw: str, settings: Settings) -> SplitResult | None:
+    """Split `raw` if it is a plain http(s) URL on an allowed host."""
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        return None
+
+    allowed = parts.scheme in {"http", "https"} and (
+        (parts.hostname or "") in settings.allowed_hosts
+    )
+    # Userinfo would pass whatever it holds to the site as credentials.
+    plain = "@" not in parts.netloc and "\\" not in parts.netloc
+    return parts if allowed and plain else None
 
 
 def default_target(settings: Settings) -> str:

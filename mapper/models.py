@@ -71,9 +71,8 @@ class EventStatus(StrEnum):
     """Where an event is between intake and AC."""
 
     HELD = "held"  # the visitor is not identified yet
-    PENDING = "pending"  # waiting for delivery
+    PENDING = "pending"  # waiting for delivery, or for another try
     DELIVERED = "delivered"
-    DEAD = "dead"  # AC refused it
 
 
 class ContactStatus(StrEnum):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from starlette.config import Config
 from starlette.datastructures import Secret
 
@@ -36,13 +38,17 @@ DATABASE_SCHEMES = (
 HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 ORIGIN = re.compile(r"https?://[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
 COOKIE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+# A day: longer waits or timeouts are mistakes, not choices.
+MAX_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything mapper is configured with; built by `load_settings`."""
 
-    database_url: str
+    # The URL can hold the database password, so it stays out of repr().
+    database_url: str = field(repr=False)
     secret_keys: tuple[Secret, ...]
     cookie_name: str
     cookie_secure: bool
@@ -103,10 +109,10 @@ def load_settings(
         cookie_name=read.cookie_name("MAPPER_COOKIE_NAME"),
         cookie_secure=read.flag("MAPPER_COOKIE_SECURE", True),
         cookie_max_age=read.number("MAPPER_COOKIE_MAX_AGE", DEFAULT_COOKIE_MAX_AGE),
-        webhook_secret=read.secret("MAPPER_WEBHOOK_SECRET"),
+        webhook_secret=read.path_secret("MAPPER_WEBHOOK_SECRET"),
         ac_api_url=read.optional_url("MAPPER_AC_API_URL"),
         ac_api_key=read.secret("MAPPER_AC_API_KEY", min_length=1),
-        ac_actid=read.optional_text("MAPPER_AC_ACTID"),
+        ac_actid=read.account_id("MAPPER_AC_ACTID"),
         ac_event_key=read.secret("MAPPER_AC_EVENT_KEY", min_length=1),
         ac_track_url=read.optional_url("MAPPER_AC_TRACK_URL") or DEFAULT_TRACK_URL,
         ac_timeout=read.decimal("MAPPER_AC_TIMEOUT", 10.0),
@@ -146,9 +152,6 @@ class _Reader:
     def text(self, key: str, default: str) -> str:
         return self._raw(key) or default
 
-    def optional_text(self, key: str) -> str | None:
-        return self._raw(key)
-
     def optional_url(self, key: str) -> str | None:
         value = self._raw(key)
         if value is not None and not value.startswith(("http://", "https://")):
@@ -181,8 +184,10 @@ class _Reader:
             number = float(value)
         except ValueError:
             number = -1.0
-        if not number > 0:
-            raise SettingsError(f"{key} must be a positive number of seconds.")
+        if not 0 < number <= MAX_SECONDS:
+            raise SettingsError(
+                f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS}."
+            )
         return number
 
     def matching_list(
@@ -200,10 +205,28 @@ class _Reader:
 
     def database_url(self, key: str) -> str:
         value = self._raw(key) or DEFAULT_DATABASE_URL
+        try:
+            make_url(value).port  # noqa: B018 - raises for a malformed port
+        except (ArgumentError, ValueError):
+            value = ""
         if not value.startswith(DATABASE_SCHEMES):
             raise SettingsError(
                 f"{key} must be a sqlite:///path or postgresql://user:pass@host/db URL."
             )
+        return value
+
+    def path_secret(self, key: str) -> Secret | None:
+        secret = self.secret(key)
+        # It is a segment of the webhook URL: any other character would need
+        # escaping, or end the segment.
+        if secret is not None and not URL_SAFE.fullmatch(str(secret)):
+            raise SettingsError(f"{key} must be letters, digits and - _ . ~ only.")
+        return secret
+
+    def account_id(self, key: str) -> str | None:
+        value = self._raw(key)
+        if value is not None and not re.fullmatch(r"[0-9]{1,20}", value):
+            raise SettingsError(f"{key} must be the numeric actid AC shows.")
         return value
 
     def cookie_name(self, key: str) -> str:

@@ -30,6 +30,9 @@ from mapper.tokens import VisitorId, new_visitor_id
 
 T = TypeVar("T")
 TRANSACTION_ATTEMPTS = 3
+# PostgreSQL's serialization failure and deadlock: the transaction lost to
+# another and may simply be run again.
+RETRIED_SQLSTATES = {"40001", "40P01"}
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,22 @@ def run_transaction(sessions: sessionmaker[Session], work: Callable[[Session], T
         try:
             with sessions.begin() as session:
                 return work(session)
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError) as exc:
+            if not _lost_a_race(exc):
+                raise
             if attempt == TRANSACTION_ATTEMPTS:
                 # The database's message can quote the conflicting row.
                 raise StoreConflict("Concurrent writers kept colliding.") from None
             attempt += 1
+
+
+def _lost_a_race(exc: IntegrityError | OperationalError) -> bool:
+    """Whether trying again may succeed: a unique-key clash with another
+    writer, a deadlock, a serialization failure, or a busy SQLite file."""
+    if isinstance(exc, IntegrityError):
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate in RETRIED_SQLSTATES or "database is locked" in str(exc.orig)
 
 
 def _insert(session: Session, model: type[Any]) -> postgresql.Insert | sqlite.Insert:
@@ -82,6 +96,7 @@ def record_contact(session: Session, facts: ContactFacts) -> bool:
         )
     )
     if stored_at is not None and stored_at > facts.as_of:
+        _attach_hash(session, facts)
         return False
 
     _release_claims(session, facts)
@@ -103,6 +118,19 @@ def record_contact(session: Session, facts: ContactFacts) -> bool:
         index_elements=["ac_contact_id"], set_=changes, where=newer
     )
     return bool(session.execute(upsert).rowcount)  # type: ignore[attr-defined]
+
+
+def _attach_hash(session: Session, facts: ContactFacts) -> None:
+    # A contact's hash does not change with its other fields, so a lookup
+    # answer older than the stored row still says which hash it has.
+    if facts.ac_hash is None:
+        return
+    _release_hash(session, facts)
+    session.execute(
+        update(Contact)
+        .where(Contact.ac_contact_id == facts.ac_contact_id)
+        .values(ac_hash=facts.ac_hash)
+    )
 
 
 def _changes(session: Session, facts: ContactFacts) -> dict[str, Any]:
@@ -137,7 +165,10 @@ def _release_claims(session: Session, facts: ContactFacts) -> None:
         .where(Contact.email == facts.email, _other_contacts(facts), not_newer)
         .values(email=None, updated_at=utcnow())
     )
+    _release_hash(session, facts)
 
+
+def _release_hash(session: Session, facts: ContactFacts) -> None:
     if facts.ac_hash is not None:
         session.execute(
             update(Contact)
@@ -170,8 +201,10 @@ def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
     now = utcnow()
     visitor = None
     if public_id is not None:
+        # Locked, so that a landing binding this visitor at the same time
+        # cannot leave this request adding a held event to a known visitor.
         query = select(Visitor).where(Visitor.public_id == public_id)
-        visitor = session.scalars(query).first()
+        visitor = session.scalars(query.with_for_update()).first()
 
     if visitor is None:
         visitor = Visitor(public_id=new_visitor_id(), created_at=now)

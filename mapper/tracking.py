@@ -35,7 +35,8 @@ MAX_EVENT_NAME = 32
 # digits, space, dash and underscore, so mapper accepts no more than that.
 EVENT_NAME = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9 _-]*[A-Za-z0-9_-])?")
 CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# sendBeacon can only send text/plain without a CORS preflight.
+# Of the types a page may send cross-origin without a preflight, only
+# text/plain can carry JSON, and it is what sendBeacon sends.
 BODY_TYPES = {"application/json", "text/plain"}
 
 
@@ -90,6 +91,7 @@ def parse_event(body: bytes) -> TrackedEvent:
             body.decode("utf-8"),
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("Expected a UTF-8 JSON object.") from exc
@@ -106,14 +108,22 @@ def parse_event(body: bytes) -> TrackedEvent:
 
 
 def _refuse_constant(name: str) -> None:
-    raise ValueError("NaN and Infinity are not JSON.")
+    raise BadRequest("Expected standard JSON, without NaN or Infinity.")
 
 
 def _finite_float(text: str) -> float:
     number = float(text)
     if not math.isfinite(number):
-        raise ValueError("Out of range for a JSON number.")
+        raise BadRequest("Expected JSON numbers within the range of a double.")
     return number
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # With a key given twice, which value the page meant is unclear.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise BadRequest("Expected each JSON key at most once per object.")
+    return found
 
 
 def _event_name(value: Any) -> str:

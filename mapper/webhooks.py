@@ -9,7 +9,8 @@ that answers 410, so this endpoint is idempotent and never says 410.
 from __future__ import annotations
 
 import hmac
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
@@ -19,13 +20,15 @@ from starlette.responses import JSONResponse
 from mapper.clients import AC_ID
 from mapper.emails import normalize_email
 from mapper.errors import BadRequest, InvalidEmail
-from mapper.models import ContactStatus, Source
+from mapper.models import ContactStatus, Source, utcnow
 from mapper.store import ContactFacts, record_contact, run_transaction
 from mapper.web import media_type, read_body, runtime
 
 MAX_WEBHOOK_BYTES = 256 * 1024
 MAX_FIELDS = 1000
+MAX_CLOCK_SKEW = timedelta(days=1)
 FORM_TYPE = "application/x-www-form-urlencoded"
+BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 # The contact events that carry the contact block, and the status each
 # leaves the contact in (None: unchanged).
@@ -67,9 +70,13 @@ def _check_secret(given: str, expected: object) -> None:
 
 
 async def _read_form(request: Request) -> dict[str, str]:
+    """Decode the form strictly: one value per field, valid escapes only."""
     if media_type(request) != FORM_TYPE:
         raise BadRequest(f"Expected an {FORM_TYPE} body.", status=415)
     body = await read_body(request, limit=MAX_WEBHOOK_BYTES)
+    if not body.isascii() or BAD_ESCAPE.search(body):
+        raise BadRequest("Expected a form body percent-encoded as UTF-8.")
+
     try:
         pairs = parse_qsl(
             body.decode("ascii"),
@@ -77,9 +84,16 @@ async def _read_form(request: Request) -> dict[str, str]:
             errors="strict",
             max_num_fields=MAX_FIELDS,
         )
-    except (UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
         raise BadRequest("Expected a form body percent-encoded as UTF-8.") from exc
-    return dict(pairs)
+    except ValueError as exc:
+        raise BadRequest(f"Expected at most {MAX_FIELDS} form fields.") from exc
+
+    form = dict(pairs)
+    if len(form) != len(pairs):
+        # Two values for one field leave it unclear which AC meant.
+        raise BadRequest("Expected each form field at most once.")
+    return form
 
 
 def _required(form: dict[str, str], field: str) -> str:
@@ -113,11 +127,16 @@ def _parse_time(value: str) -> datetime:
     # one cannot be placed among the others.
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError as exc:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
         raise BadRequest(
             'Expected "date_time" as ISO 8601, like 2024-05-02T08:30:00-05:00.',
             status=422,
         ) from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+
+    # A time far ahead would freeze the contact against every real update.
+    if moment > utcnow() + MAX_CLOCK_SKEW:
+        raise BadRequest('Expected "date_time" not in the future.', status=422)
+    return moment

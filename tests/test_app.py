@@ -7,16 +7,18 @@ from collections.abc import AsyncIterator
 
 import pytest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from mapper.app import create_app
 from mapper.db import make_engine
-from mapper.errors import SafeErrors, SettingsError
+from mapper.errors import SafeErrors, SettingsError, describe_exception
 from mapper.settings import Settings
 from tests.helpers import EMAIL, make_settings
+
+BEACON = {"Content-Type": "text/plain"}
 
 
 def test_snippet_is_javascript(client: TestClient) -> None:
@@ -47,7 +49,9 @@ def test_wrong_method_json_405(client: TestClient) -> None:
     assert response.headers["allow"] == "POST"
 
 
-def test_database_down_bare_500(settings: Settings) -> None:
+def test_database_down_bare_500(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     unreachable = make_engine("sqlite:////nonexistent/dir/mapper.db")
     app = create_app(settings, engine=unreachable, deliver=False)
 
@@ -57,6 +61,7 @@ def test_database_down_bare_500(settings: Settings) -> None:
         )
 
     assert response.json() == {"error": "Internal Server Error", "status": 500}
+    assert "OperationalError at store.py" in caplog.text
 
 
 async def _fails_with_email(request: Request) -> None:
@@ -84,12 +89,27 @@ def test_create_app_needs_secret_keys(database_url: str) -> None:
 
 def test_app_disposes_own_engine(settings: Settings) -> None:
     app = create_app(settings, deliver=False)
-
-    with TestClient(app) as client:
-        client.get("/healthz")
     engine = app.state.runtime.engine
 
-    assert engine.pool.checkedin() == 0
+    with TestClient(app) as client:
+        client.post("/track", content=b'{"event": "e"}', headers=BEACON)
+        pooled_while_up = engine.pool.checkedin()
+
+    assert (pooled_while_up, engine.pool.checkedin()) == (1, 0)
+
+
+async def _client_went_away(request: Request) -> None:
+    raise ClientDisconnect()
+
+
+def test_safe_errors_ignore_disconnect(caplog: pytest.LogCaptureFixture) -> None:
+    app = Starlette(routes=[Route("/gone", _client_went_away)])
+    app.add_middleware(SafeErrors)
+
+    with caplog.at_level(logging.DEBUG, logger="mapper"):
+        TestClient(app, raise_server_exceptions=False).get("/gone")
+
+    assert caplog.text == ""
 
 
 async def _fails_mid_stream(request: Request) -> StreamingResponse:
@@ -109,3 +129,7 @@ def test_safe_errors_after_start(caplog: pytest.LogCaptureFixture) -> None:
 
     assert response.content == b"partial"
     assert EMAIL not in caplog.text
+
+
+def test_describe_exception_without_traceback() -> None:
+    assert describe_exception(RuntimeError(EMAIL)) == "RuntimeError"

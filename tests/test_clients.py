@@ -144,3 +144,13 @@ def test_retry_after_capped_at_hour(value: str) -> None:
 )
 def test_view_refuses_odd_answers(answer: dict[str, object]) -> None:
     assert read_view_answer(answer, HASH) is None
+
+
+def test_view_refused_key_unavailable() -> None:
+    answer = {
+        "result_code": 0,
+        "result_message": "You are not authorized to access this file",
+    }
+
+    with pytest.raises(ACUnavailable):
+        read_view_answer(answer, HASH)

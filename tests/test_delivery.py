@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from datetime import timedelta
 
 import pytest
@@ -14,7 +15,7 @@ from starlette.testclient import TestClient
 
 from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.db import make_engine, make_sessionmaker
-from mapper.delivery import DeliveryWorker, backoff, claim_due, record_result
+from mapper.delivery import DeliveryWorker, claim_due, compute_backoff, record_result
 from mapper.models import Event, utcnow
 from mapper.settings import Settings
 from tests.fake_ac import FakeAC
@@ -80,7 +81,7 @@ def test_delivery_uses_current_email(
 ) -> None:
     _identified_events(client, fake_ac, "viewed_pricing")
     changed = contact_webhook(
-        email="alice.new@example.com", date_time="2099-01-01T00:00:00Z"
+        email="alice.new@example.com", date_time=utcnow().isoformat()
     )
     client.post(WEBHOOK_URL, content=changed, headers=FORM)
 
@@ -124,17 +125,18 @@ def test_delivery_keeps_held_events(
     assert events(engine)[0].status == "held"
 
 
-def test_delivery_refusal_recorded(
+def test_delivery_refusal_kept_for_retry(
     client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
 ) -> None:
-    _identified_events(client, fake_ac, "refused")
+    _identified_events(client, fake_ac, "refused", "waiting")
     wrong_key = make_settings(database_url, fake_ac, MAPPER_AC_EVENT_KEY="wrong-key")
 
     _deliver(wrong_key, engine)
 
-    [event] = events(engine)
-    assert event.status == "dead"
-    assert event.last_error and "key" in event.last_error.lower()
+    refused, waiting = events(engine)
+    assert (refused.status, refused.attempts) == ("pending", 1)
+    assert refused.last_error and "key" in refused.last_error.lower()
+    assert (waiting.attempts, waiting.next_attempt_at <= utcnow()) == (0, True)
 
 
 @pytest.mark.parametrize("mode", ["down", "error", "html", "rate_limit"])
@@ -255,7 +257,7 @@ def test_worker_runs_until_stopped(
 
 
 def test_backoff_grows_and_caps() -> None:
-    delays = [backoff(attempt).total_seconds() for attempt in (1, 2, 5, 40)]
+    delays = [compute_backoff(attempt).total_seconds() for attempt in (1, 2, 5, 40)]
 
     assert 1.6 <= delays[0] <= 2.4
     assert delays[0] < delays[1] < delays[2]
@@ -293,9 +295,11 @@ def test_round_stops_before_lease_ends(
     client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "first", "second")
-    fake_ac.set_mode("slow", delay=0.6)
+    # The first send may start up to 2 s into the lease; once it has taken
+    # 2.5 s, another 10 s timeout would outlast the 12 s lease.
+    fake_ac.set_mode("slow", delay=2.5)
     tight = make_settings(
-        database_url, fake_ac, MAPPER_DELIVERY_LEASE="10.5", MAPPER_AC_TIMEOUT="10"
+        database_url, fake_ac, MAPPER_DELIVERY_LEASE="12", MAPPER_AC_TIMEOUT="10"
     )
 
     _run_rounds(tight, engine)
@@ -362,14 +366,18 @@ def test_worker_survives_failed_round(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A database that cannot be opened fails every round.
-    unreachable = make_sessionmaker(make_engine("sqlite:////nonexistent/dir/x.db"))
+    path = "/nonexistent/planted.person@example.com/x.db"
+    unreachable = make_sessionmaker(make_engine(f"sqlite:///{path}"))
 
     async def run() -> None:
         stop = asyncio.Event()
         ac = ACClient(settings)
         worker = DeliveryWorker(settings, sessions=unreachable, client=ac)
         task = asyncio.create_task(worker.run(stop))
-        await asyncio.sleep(0.2)
+        for _ in range(100):
+            if "Delivery round failed" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
         stop.set()
         await task
         await ac.aclose()
@@ -377,7 +385,8 @@ def test_worker_survives_failed_round(
     with caplog.at_level(logging.ERROR):
         asyncio.run(run())
 
-    assert "Delivery round failed" in caplog.text
+    assert "Delivery round failed (OperationalError at" in caplog.text
+    assert "planted.person" not in caplog.text
 
 
 def test_worker_loop_waits_out_pause(
@@ -399,3 +408,69 @@ def test_worker_loop_waits_out_pause(
     asyncio.run(run_briefly())
 
     assert len(fake_ac.requests) == 1
+
+
+def test_send_bounded_by_timeout(
+    client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "slow")
+    fake_ac.set_mode("slow", delay=3)
+    impatient = make_settings(database_url, fake_ac, MAPPER_AC_TIMEOUT="0.3")
+
+    _deliver(impatient, engine)
+
+    [event] = events(engine)
+    assert (event.status, event.last_error) == (
+        "pending",
+        "Network error: TimeoutError",
+    )
+
+
+def test_claim_due_concurrent_disjoint(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, *[f"event_{n}" for n in range(40)])
+    sessions = make_sessionmaker(engine)
+    barrier = threading.Barrier(4)
+    claimed: list[list[int]] = []
+
+    def claim() -> None:
+        barrier.wait()
+        batch = claim_due(sessions, limit=10, lease=60)
+        claimed.append([c.event_id for c in batch])
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    every_id = [event_id for batch in claimed for event_id in batch]
+    assert len(every_id) == len(set(every_id)) == 40
+
+
+def test_outage_warned_once_per_run(
+    client: TestClient,
+    settings: Settings,
+    engine: Engine,
+    fake_ac: FakeAC,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _identified_events(client, fake_ac, "first")
+    fake_ac.set_mode("error")
+
+    async def two_failures() -> None:
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        await worker.deliver_round()
+        with Session(engine) as session, session.begin():
+            session.execute(update(Event).values(next_attempt_at=utcnow()))
+        worker.paused_until = None
+        await worker.deliver_round()
+        await ac.aclose()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(two_failures())
+
+    assert len(fake_ac.requests) == 2
+    assert caplog.text.count("AC is not taking events") == 1

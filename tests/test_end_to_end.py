@@ -18,6 +18,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from mapper.models import utcnow
 from tests.fake_ac import FakeAC
 from tests.helpers import FORM, ORIGIN, SITE, ac_env, contact_webhook, wait_until
 from tests.service import SECRET_KEY, WEBHOOK_SECRET, MapperProcess
@@ -172,17 +173,22 @@ def test_end_to_end_concurrent_webhooks(mapper: MapperProcess) -> None:
 
 
 def test_end_to_end_renamed_contact(mapper: MapperProcess, fake_ac: FakeAC) -> None:
-    browser = httpx.Client(base_url=mapper.url)
-    browser.get("/go", params={"h": HASH, "to": f"{ORIGIN}/"})
     new_email = "planted.renamed@example.com"
-    _webhook(mapper, contact_webhook(email=new_email, date_time="2099-01-01T00:00Z"))
+    with httpx.Client(base_url=mapper.url) as browser:
+        browser.get("/go", params={"h": HASH, "to": f"{ORIGIN}/"})
+        renamed = contact_webhook(email=new_email, date_time=utcnow().isoformat())
+        _webhook(mapper, renamed)
 
-    browser.post(
-        "/track",
-        content=b'{"event": "renamed"}',
-        headers={"Content-Type": "text/plain"},
-    )
+        browser.post(
+            "/track",
+            content=b'{"event": "renamed"}',
+            headers={"Content-Type": "text/plain"},
+        )
 
     wait_until(fake_ac.events)
     assert fake_ac.events()[0]["visit"] == f'{{"email": "{new_email}"}}'
-    browser.close()
+
+
+def test_end_to_end_logs_lifecycle(journey: Journey) -> None:
+    assert "mapper is starting." in journey.log
+    assert "mapper has stopped." in journey.log

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
 from mapper.landing import safe_target
+from mapper.models import utcnow
 from mapper.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fake_ac import FakeAC
@@ -193,6 +196,10 @@ def test_go_tampered_cookie_new_visitor(client: TestClient, engine: Engine) -> N
         pytest.param("https://shop.example/" + "a" * 3000, id="too-long"),
         pytest.param("", id="empty"),
         pytest.param(f"https://shop.example/p/{HASH}", id="hash-in-path"),
+        pytest.param(f"https://{HASH}@shop.example/", id="hash-as-user"),
+        pytest.param("https://user:pass@shop.example/", id="credentials"),
+        pytest.param("https://[shop.example/", id="bad-brackets"),
+        pytest.param("https://shop.example:99999/", id="bad-port"),
     ],
 )
 def test_go_refuses_unsafe_target(client: TestClient, target: str) -> None:
@@ -240,3 +247,29 @@ def test_safe_target_keeps_the_rest(
     settings: Settings, target: str, given: str | None
 ) -> None:
     assert safe_target(target, settings=settings, ac_hash=given) == target
+
+
+def test_go_refused_api_key_not_remembered(
+    client_with: ClientFactory, engine: Engine, fake_ac: FakeAC
+) -> None:
+    client = client_with(MAPPER_AC_API_KEY="not-the-right-key")
+
+    client.get("/go", params=LINK)
+    client.get("/go", params=LINK)
+
+    assert fake_ac.lookups() == 2
+    assert visitors(engine)[0].contact_id is None
+
+
+def test_go_lookup_older_than_row(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    # A webhook dated a little ahead (a clock skew) must not stop the
+    # lookup from telling which contact has the hash.
+    ahead = (utcnow() + timedelta(hours=6)).isoformat()
+    client.post(WEBHOOK_URL, content=contact_webhook(date_time=ahead), headers=FORM)
+    fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
+
+    client.get("/go", params=LINK)
+
+    assert visitors(engine)[0].contact_id == contacts(engine)[0].id

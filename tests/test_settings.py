@@ -130,6 +130,11 @@ SECRETISH = "planted-value-0123"
         pytest.param("MAPPER_DEFAULT_REDIRECT", "//evil.example/", id="scheme-less"),
         pytest.param("MAPPER_DEFAULT_REDIRECT", "https://evil.example/", id="foreign"),
         pytest.param("MAPPER_DELIVERY_LEASE", "5", id="lease-under-timeout"),
+        pytest.param("MAPPER_DELIVERY_LEASE", "inf", id="infinite"),
+        pytest.param("MAPPER_AC_TIMEOUT", "1e400", id="huge-timeout"),
+        pytest.param("MAPPER_WEBHOOK_SECRET", "planted/secret/value", id="slash"),
+        pytest.param("MAPPER_AC_ACTID", "planted-actid", id="actid"),
+        pytest.param("MAPPER_DATABASE_URL", "postgresql://u:p@h:planted/db", id="port"),
     ],
 )
 def test_bad_setting_refused(key: str, value: str) -> None:
@@ -138,3 +143,11 @@ def test_bad_setting_refused(key: str, value: str) -> None:
 
     assert key in str(caught.value)
     assert value not in str(caught.value)
+
+
+def test_database_password_not_in_repr() -> None:
+    url = "postgresql://mapper:planted-password@db.internal/mapper"
+
+    settings = load_settings({"MAPPER_DATABASE_URL": url}, env_file=None)
+
+    assert "planted-password" not in repr(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mapper.db import make_sessionmaker
@@ -46,3 +46,29 @@ def test_touch_visitor_unknown_id(engine: Engine) -> None:
 
     assert created != stale
     assert [v.public_id for v in visitors(engine)] == [created]
+
+
+def test_run_transaction_no_retry_for_faults(engine: Engine) -> None:
+    calls: list[int] = []
+
+    def broken(session: Session) -> None:
+        calls.append(1)
+        raise OperationalError("SELECT", {}, Exception("no such table: x"))
+
+    with pytest.raises(OperationalError):
+        run_transaction(make_sessionmaker(engine), broken)
+
+    assert len(calls) == 1
+
+
+def test_run_transaction_retries_busy(engine: Engine) -> None:
+    calls: list[int] = []
+
+    def busy_once(session: Session) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        return "done"
+
+    assert run_transaction(make_sessionmaker(engine), busy_once) == "done"
+    assert len(calls) == 2

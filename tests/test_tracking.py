@@ -130,6 +130,7 @@ def test_track_32_char_name(client: TestClient, engine: Engine) -> None:
         pytest.param(b"{not json", 400, "JSON", id="malformed"),
         pytest.param(b"\xff\xfe{}", 400, "UTF-8", id="not-utf8"),
         pytest.param(b"[1, 2]", 400, "object", id="array"),
+        pytest.param(b'{"event": "a", "event": "b"}', 400, "once", id="repeated-key"),
         pytest.param(b'{"event": "e", "data": NaN}', 400, "JSON", id="nan"),
         pytest.param(b'{"event": "e", "data": -Infinity}', 400, "JSON", id="infinity"),
         pytest.param(b'{"event": "e", "data": 1e999}', 400, "JSON", id="overflow"),
@@ -272,9 +273,11 @@ def test_track_tampered_cookie_anonymous(
     assert len(visitors(engine)) == 2
 
 
-def test_track_refreshes_cookie(client: TestClient) -> None:
+def test_track_renews_same_visitor(client: TestClient, engine: Engine) -> None:
     first = _track(client, {"event": "one"})
     second = _track(client, {"event": "two"})
 
-    for response in (first, second):
-        assert "Max-Age=34560000" in response.headers["set-cookie"]
+    signer = client.app.state.runtime.signer  # type: ignore[attr-defined]
+    ids = [signer.verify(r.cookies["mapper_vid"]) for r in (first, second)]
+    assert ids[0] == ids[1] == visitors(engine)[0].public_id
+    assert "Max-Age=34560000" in second.headers["set-cookie"]
