@@ -1,7 +1,8 @@
 """The ASGI app: routes, error handling, CORS, and the delivery loop.
 
 `create_app` builds everything from a `Settings`; nothing is read from the
-environment here.
+environment here. The app itself holds no personal data: emails live in the
+database, and the answers it sends carry none.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def missing_webhook_secret(request: Request) -> Response:
+    """Answer a webhook URL without its secret as a wrong secret."""
     raise BadRequest("Invalid webhook secret.", status=401)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Give Starlette's own errors (404, 405) mapper's JSON shape."""
     assert isinstance(exc, HTTPException)
     return error_response(str(exc.detail), exc.status_code, headers=exc.headers)
 

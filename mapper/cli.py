@@ -43,7 +43,7 @@ def configure_logging() -> None:
 
 
 @contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
+def report_errors() -> Iterator[None]:
     """Turn mapper's own errors into one clear line and exit status 1."""
     try:
         yield
@@ -71,7 +71,7 @@ def serve(host: str | None, port: int | None) -> None:
 
     Refuses to start while the database schema is not current.
     """
-    with reported_errors():
+    with report_errors():
         settings = load_settings()
         engine = make_engine(settings.database_url)
         check_schema(engine)
@@ -100,6 +100,6 @@ def db() -> None:
 )
 def upgrade_schema() -> None:
     """Apply all pending migrations to the database."""
-    with reported_errors():
+    with report_errors():
         upgrade(load_settings().database_url)
     logger.info("The database schema is current.")

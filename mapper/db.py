@@ -35,7 +35,7 @@ UNREADABLE_FILE = (
 MIGRATIONS = PROJECT_ROOT / "migrations"
 
 
-def engine_url(url: str) -> str:
+def pick_driver(url: str) -> str:
     """Pick the psycopg 3 driver for a bare `postgresql://` URL."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
@@ -45,7 +45,7 @@ def engine_url(url: str) -> str:
 
 def make_engine(url: str) -> Engine:
     """Create the engine, with SQLite set up for several writers."""
-    url = engine_url(url)
+    url = pick_driver(url)
     if not url.startswith("sqlite"):
         return create_engine(url, hide_parameters=True, pool_pre_ping=True)
 
@@ -78,7 +78,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def alembic_config(url: str | None = None) -> AlembicConfig:
+def make_alembic_config(url: str | None = None) -> AlembicConfig:
     """An Alembic config for `url`; alembic.ini itself holds no URL."""
     config = AlembicConfig(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -90,7 +90,7 @@ def alembic_config(url: str | None = None) -> AlembicConfig:
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the migrations up to `revision`."""
     try:
-        command.upgrade(alembic_config(url), revision)
+        command.upgrade(make_alembic_config(url), revision)
     except SQLAlchemyError:
         raise SchemaError(_unreachable(url)) from None
 
@@ -112,7 +112,7 @@ def check_schema(engine: Engine) -> None:
                 "`mapper db upgrade` with the same MAPPER_DATABASE_URL first."
             )
 
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(make_alembic_config()).get_current_head()
     try:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()

@@ -74,6 +74,7 @@ def error_response(
 
 
 async def handle_bad_request(request: Request, exc: Exception) -> JSONResponse:
+    """Answer a refused request with its status and safe message."""
     assert isinstance(exc, BadRequest)
     return error_response(exc.message, exc.status)
 

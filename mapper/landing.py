@@ -30,7 +30,12 @@ from mapper.store import (
     touch_visitor,
 )
 from mapper.tokens import VisitorId
-from mapper.web import Runtime, runtime, set_visitor_cookie, visitor_from_cookie
+from mapper.web import (
+    Runtime,
+    get_runtime,
+    read_visitor_cookie,
+    set_visitor_cookie,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +50,10 @@ LANDED_PAGE = """<!doctype html>
 
 async def go(request: Request) -> Response:
     """Identify the visitor by the link's hash and send it on, hash removed."""
-    state = runtime(request)
+    state = get_runtime(request)
     given = request.query_params.get("h", "").strip().lower()
     ac_hash = given if AC_HASH.fullmatch(given) else None
-    target = safe_target(
+    target = choose_target(
         request.query_params.get("to"), settings=state.settings, ac_hash=ac_hash
     )
 
@@ -58,7 +63,7 @@ async def go(request: Request) -> Response:
         state.sessions,
         lambda session: _land(
             session,
-            visitor_id=visitor_from_cookie(request),
+            visitor_id=read_visitor_cookie(request),
             ac_hash=ac_hash,
             looked_up=looked_up,
         ),
@@ -124,7 +129,7 @@ def _facts(found: LookedUpContact) -> ContactFacts:
     )
 
 
-def safe_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -> str:
+def choose_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -> str:
     """Return `raw` if it is an http(s) URL on an allowed host, else a default.
 
     Query parameters and a fragment that carry the hash are removed, so a
@@ -132,15 +137,15 @@ def safe_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -> 
     with the hash in its path is not used at all.
     """
     if not raw or len(raw) > MAX_TARGET_LENGTH or not raw.isprintable():
-        return default_target(settings)
+        return choose_default_target(settings)
     parts = _split_allowed(raw, settings)
     if parts is None:
-        return default_target(settings)
+        return choose_default_target(settings)
     if ac_hash is None or ac_hash not in raw.lower():
         return raw
 
     if ac_hash in parts.path.lower():
-        return default_target(settings)
+        return choose_default_target(settings)
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     kept = [pair for pair in pairs if ac_hash not in "=".join(pair).lower()]
     query = urlencode(kept) if kept != pairs else parts.query
@@ -164,7 +169,7 @@ def _split_allowed(raw: str, settings: Settings) -> SplitResult | None:
     return parts if allowed and plain else None
 
 
-def default_target(settings: Settings) -> str:
+def choose_default_target(settings: Settings) -> str:
     """Where a link goes whose target is missing or not allowed.
 
     That is the configured page, else the first allowed site, else

@@ -1,7 +1,8 @@
 """Settings, read once from the environment and an optional `.env` file.
 
 This is the only module that reads the environment. Secrets are held in
-`Secret`, so that a settings object never prints them.
+`Secret`, and the database URL, which may hold a password, is left out of
+`repr`, so that a settings object never prints them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reads and writes of the mapping: contacts, visitors, and held events.
 
 Functions here take an open session and leave committing to the caller, so
-that one request is one transaction. Emails arrive already normalized.
+that one request is one transaction. They write emails and AC hashes to
+`contacts` only; emails arrive already normalized.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mapper.models import (
     Visitor,
     utcnow,
 )
-from mapper.tokens import VisitorId, new_visitor_id
+from mapper.tokens import VisitorId, make_visitor_id
 
 T = TypeVar("T")
 TRANSACTION_ATTEMPTS = 3
@@ -207,7 +208,7 @@ def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
         visitor = session.scalars(query.with_for_update()).first()
 
     if visitor is None:
-        visitor = Visitor(public_id=new_visitor_id(), created_at=now)
+        visitor = Visitor(public_id=make_visitor_id(), created_at=now)
         session.add(visitor)
     visitor.last_seen_at = now
     session.flush()

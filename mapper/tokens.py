@@ -25,7 +25,7 @@ VISITOR_SALT = "mapper.visitor-cookie"
 ID_BYTES = 24
 
 
-def new_visitor_id() -> VisitorId:
+def make_visitor_id() -> VisitorId:
     """Return a fresh visitor id of 192 random bits, URL-safe."""
     return VisitorId(secrets.token_urlsafe(ID_BYTES))
 

@@ -2,7 +2,8 @@
 
 The browser sends only an event name, its data and an optional client id;
 who the visitor is comes from the signed cookie. The answer is 202 once
-the event is committed, without waiting for AC.
+the event is committed, without waiting for AC. An event's data is stored
+and sent to AC as the page gave it, so it holds whatever the site put in.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from mapper.store import add_event, run_transaction, touch_visitor
 from mapper.tokens import VisitorId
 from mapper.web import (
     Runtime,
-    media_type,
+    get_runtime,
     read_body,
-    runtime,
+    read_media_type,
+    read_visitor_cookie,
     set_visitor_cookie,
-    visitor_from_cookie,
 )
 
 MAX_EVENT_NAME = 32
@@ -51,9 +52,9 @@ class TrackedEvent:
 
 async def track(request: Request) -> JSONResponse:
     """Accept one event for the cookie's visitor and queue it for AC."""
-    state = runtime(request)
+    state = get_runtime(request)
     check_origin(request, state)
-    if media_type(request) not in BODY_TYPES:
+    if read_media_type(request) not in BODY_TYPES:
         raise BadRequest(
             "Expected a JSON body (application/json or text/plain).", status=415
         )
@@ -61,7 +62,7 @@ async def track(request: Request) -> JSONResponse:
     event = parse_event(body)
 
     visitor_id = await run_in_threadpool(
-        accept_event, state, visitor=visitor_from_cookie(request), event=event
+        accept_event, state, visitor=read_visitor_cookie(request), event=event
     )
     response = JSONResponse({"accepted": True}, status_code=202)
     set_visitor_cookie(response, state, visitor=visitor_id)

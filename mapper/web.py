@@ -55,7 +55,7 @@ class Runtime:
     unknown_hashes: UnknownHashes = field(default_factory=UnknownHashes)
 
 
-def runtime(request: Request) -> Runtime:
+def get_runtime(request: Request) -> Runtime:
     found = request.app.state.runtime
     assert isinstance(found, Runtime)
     return found
@@ -79,14 +79,14 @@ def _too_large(limit: int) -> BadRequest:
     return BadRequest(f"Expected a body of at most {limit} bytes.", status=413)
 
 
-def media_type(request: Request) -> str:
+def read_media_type(request: Request) -> str:
     """The request's content type without parameters, lowercased."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def visitor_from_cookie(request: Request) -> VisitorId | None:
+def read_visitor_cookie(request: Request) -> VisitorId | None:
     """The visitor id from a good cookie, or None for a new anonymous visitor."""
-    state = runtime(request)
+    state = get_runtime(request)
     return state.signer.verify(request.cookies.get(state.settings.cookie_name))
 
 

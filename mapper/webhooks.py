@@ -22,7 +22,7 @@ from mapper.emails import normalize_email
 from mapper.errors import BadRequest, InvalidEmail
 from mapper.models import ContactStatus, Source, utcnow
 from mapper.store import ContactFacts, record_contact, run_transaction
-from mapper.web import media_type, read_body, runtime
+from mapper.web import get_runtime, read_body, read_media_type
 
 MAX_WEBHOOK_BYTES = 256 * 1024
 MAX_FIELDS = 1000
@@ -43,7 +43,7 @@ CONTACT_EVENTS: dict[str, ContactStatus | None] = {
 
 async def activecampaign_webhook(request: Request) -> JSONResponse:
     """Record the contact a webhook describes; ignore kinds we do not use."""
-    state = runtime(request)
+    state = get_runtime(request)
     _check_secret(request.path_params.get("secret", ""), state.settings.webhook_secret)
     form = await _read_form(request)
 
@@ -71,7 +71,7 @@ def _check_secret(given: str, expected: object) -> None:
 
 async def _read_form(request: Request) -> dict[str, str]:
     """Decode the form strictly: one value per field, valid escapes only."""
-    if media_type(request) != FORM_TYPE:
+    if read_media_type(request) != FORM_TYPE:
         raise BadRequest(f"Expected an {FORM_TYPE} body.", status=415)
     body = await read_body(request, limit=MAX_WEBHOOK_BYTES)
     if not body.isascii() or BAD_ESCAPE.search(body):

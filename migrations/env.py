@@ -1,7 +1,8 @@
 """Alembic's entry point: runs migrations against mapper's database.
 
 The URL comes from the caller (`mapper db upgrade`) or from mapper's
-settings, never from alembic.ini.
+settings, never from alembic.ini; it may hold the database password, so
+it is never printed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mapper.settings import load_settings
 
 
 def database_url() -> str:
+    """The URL `mapper db upgrade` passed, else the configured one."""
     url = context.config.attributes.get("database_url")
     return str(url) if url else load_settings().database_url
 

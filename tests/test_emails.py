@@ -43,7 +43,7 @@ def test_normalize_email_refuses_bad(raw: str) -> None:
         normalize_email(raw)
 
 
-def test_normalize_email_message_hides_address() -> None:
+def test_normalize_email_hides_address() -> None:
     with pytest.raises(InvalidEmail) as caught:
         normalize_email("secret.person@@example.com")
 

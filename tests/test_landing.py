@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
-from mapper.landing import safe_target
+from mapper.landing import choose_target
 from mapper.models import utcnow
 from mapper.settings import Settings
 from tests.conftest import ClientFactory
@@ -151,9 +151,7 @@ def test_go_ac_failure_asks_again(
     assert visitors(engine)[0].contact_id is not None
 
 
-def test_go_no_api_settings_no_call(
-    client_with: ClientFactory, fake_ac: FakeAC
-) -> None:
+def test_go_unconfigured_no_call(client_with: ClientFactory, fake_ac: FakeAC) -> None:
     client = client_with(with_ac=False)
 
     response = client.get("/go", params=LINK)
@@ -243,13 +241,13 @@ def test_go_strips_hash_from_target(client: TestClient) -> None:
         pytest.param("https://shop.example/?e=eee", None, id="malformed-hash"),
     ],
 )
-def test_safe_target_keeps_the_rest(
+def test_choose_target_keeps_rest(
     settings: Settings, target: str, given: str | None
 ) -> None:
-    assert safe_target(target, settings=settings, ac_hash=given) == target
+    assert choose_target(target, settings=settings, ac_hash=given) == target
 
 
-def test_go_refused_api_key_not_remembered(
+def test_go_refused_key_retried(
     client_with: ClientFactory, engine: Engine, fake_ac: FakeAC
 ) -> None:
     client = client_with(MAPPER_AC_API_KEY="not-the-right-key")

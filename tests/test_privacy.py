@@ -67,7 +67,7 @@ def _tracking(client: TestClient) -> list[httpx2.Response]:
 
 
 @pytest.mark.usefixtures("service_logging")
-def test_no_identifier_answered_or_logged(
+def test_privacy_sweep_finds_nothing(
     client: TestClient, fake_ac: FakeAC, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)

@@ -145,7 +145,7 @@ def test_bad_setting_refused(key: str, value: str) -> None:
     assert value not in str(caught.value)
 
 
-def test_database_password_not_in_repr() -> None:
+def test_settings_repr_hides_password() -> None:
     url = "postgresql://mapper:planted-password@db.internal/mapper"
 
     settings = load_settings({"MAPPER_DATABASE_URL": url}, env_file=None)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from mapper.db import make_sessionmaker
 from mapper.errors import StoreConflict
 from mapper.store import run_transaction, touch_visitor
-from mapper.tokens import new_visitor_id
+from mapper.tokens import make_visitor_id
 from tests.helpers import EMAIL, visitors
 
 
@@ -40,7 +40,7 @@ def test_run_transaction_rolls_back(engine: Engine) -> None:
 
 def test_touch_visitor_unknown_id(engine: Engine) -> None:
     sessions = make_sessionmaker(engine)
-    stale = new_visitor_id()
+    stale = make_visitor_id()
 
     created = run_transaction(sessions, lambda s: touch_visitor(s, stale).public_id)
 
@@ -48,7 +48,7 @@ def test_touch_visitor_unknown_id(engine: Engine) -> None:
     assert [v.public_id for v in visitors(engine)] == [created]
 
 
-def test_run_transaction_no_retry_for_faults(engine: Engine) -> None:
+def test_run_transaction_faults_raise(engine: Engine) -> None:
     calls: list[int] = []
 
     def broken(session: Session) -> None:

@@ -9,15 +9,15 @@ from freezegun import freeze_time
 from itsdangerous import TimestampSigner
 from starlette.datastructures import Secret
 
-from mapper.tokens import PREFIX, VisitorSigner, new_visitor_id
+from mapper.tokens import PREFIX, VisitorSigner, make_visitor_id
 
 OLD = Secret("old-key-0123456789abcdef")
 NEW = Secret("new-key-0123456789abcdef")
 DAY = 24 * 3600
 
 
-def test_new_visitor_id_random() -> None:
-    ids = {new_visitor_id() for _ in range(1000)}
+def test_make_visitor_id_random() -> None:
+    ids = {make_visitor_id() for _ in range(1000)}
 
     assert len(ids) == 1000
     assert {len(visitor_id) for visitor_id in ids} == {32}
@@ -25,27 +25,27 @@ def test_new_visitor_id_random() -> None:
 
 def test_verify_round_trip() -> None:
     signer = VisitorSigner([NEW], max_age=DAY)
-    visitor_id = new_visitor_id()
+    visitor_id = make_visitor_id()
 
     assert signer.verify(signer.sign(visitor_id)) == visitor_id
 
 
 def test_verify_accepts_rotated_key() -> None:
-    before = VisitorSigner([OLD], max_age=DAY).sign(new_visitor_id())
+    before = VisitorSigner([OLD], max_age=DAY).sign(make_visitor_id())
 
     assert VisitorSigner([OLD, NEW], max_age=DAY).verify(before) is not None
     assert VisitorSigner([NEW], max_age=DAY).verify(before) is None
 
 
 def test_sign_uses_newest_key() -> None:
-    cookie = VisitorSigner([OLD, NEW], max_age=DAY).sign(new_visitor_id())
+    cookie = VisitorSigner([OLD, NEW], max_age=DAY).sign(make_visitor_id())
 
     assert VisitorSigner([NEW], max_age=DAY).verify(cookie) is not None
 
 
 def _signed_elsewhere(key: Secret, salt: str) -> str:
     signer = TimestampSigner(str(key), salt=salt, digest_method=hashlib.sha256)
-    return PREFIX + signer.sign(new_visitor_id()).decode()
+    return PREFIX + signer.sign(make_visitor_id()).decode()
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_verify_refuses_bad_cookie(cookie: str | None) -> None:
 
 def test_verify_refuses_tampered() -> None:
     signer = VisitorSigner([NEW], max_age=DAY)
-    cookie = signer.sign(new_visitor_id())
+    cookie = signer.sign(make_visitor_id())
     tampered = cookie[:-3] + ("AAA" if not cookie.endswith("AAA") else "BBB")
 
     assert signer.verify(tampered) is None
@@ -85,7 +85,7 @@ def test_verify_refuses_tampered() -> None:
 def test_verify_checks_age(signed_at: str, valid: bool) -> None:
     signer = VisitorSigner([NEW], max_age=DAY)
     with freeze_time(signed_at):
-        cookie = signer.sign(new_visitor_id())
+        cookie = signer.sign(make_visitor_id())
 
     with freeze_time("2026-01-01 12:00"):
         verified = signer.verify(cookie)

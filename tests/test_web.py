@@ -36,7 +36,7 @@ def test_read_body_odd_length_header(client: TestClient) -> None:
     response = client.post(
         "/track",
         content=b'{"event": "e"}',
-        headers={"Content-Type": "text/plain", "Content-Length": b"\xb2"},
+        headers={b"Content-Type": b"text/plain", b"Content-Length": b"\xb2"},
     )
 
     assert response.status_code == 202

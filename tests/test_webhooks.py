@@ -136,7 +136,8 @@ def test_webhook_older_claim_unknown_email(engine: Engine) -> None:
     older = ContactFacts("1", EMAIL, day("2024-05-01T00:00Z"), Source.WEBHOOK)
 
     for facts in (newer, older):
-        run_transaction(sessions, lambda s, f=facts: record_contact(s, f))
+        with sessions.begin() as session:
+            record_contact(session, facts)
 
     emails = {c.ac_contact_id: c.email for c in contacts(engine)}
     assert emails == {"1": None, "2": EMAIL}

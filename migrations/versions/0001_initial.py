@@ -25,6 +25,12 @@ TIME = sa.DateTime(timezone=True)
 
 def upgrade() -> None:
     """Create the three tables with named constraints."""
+    create_contacts()
+    create_visitors()
+    create_events()
+
+
+def create_contacts() -> None:
     op.create_table(
         "contacts",
         sa.Column("id", ROW_ID, nullable=False),
@@ -42,6 +48,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("ac_hash", name="uq_contacts_ac_hash"),
     )
 
+
+def create_visitors() -> None:
     op.create_table(
         "visitors",
         sa.Column("id", ROW_ID, nullable=False),
@@ -62,6 +70,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_visitors_contact_id", "visitors", ["contact_id"])
 
+
+def create_events() -> None:
     op.create_table(
         "events",
         sa.Column("id", ROW_ID, nullable=False),

@@ -120,13 +120,13 @@ def journey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Journey]:
     yield Journey(recorder.seen, mapper.log(), fake.events(), fake.lookups(), fake)
 
 
-def test_end_to_end_redirect_clean(journey: Journey) -> None:
+def test_e2e_redirect_clean(journey: Journey) -> None:
     locations = [text for text in journey.seen if text.startswith("location: ")]
 
     assert locations == [f"location: {ORIGIN}/welcome?a=1"]
 
 
-def test_end_to_end_events_reach_ac(journey: Journey) -> None:
+def test_e2e_events_reach_ac(journey: Journey) -> None:
     delivered = journey.delivered
 
     assert len(delivered) == EVENT_COUNT
@@ -139,11 +139,11 @@ def test_end_to_end_events_reach_ac(journey: Journey) -> None:
     }
 
 
-def test_end_to_end_no_lookups(journey: Journey) -> None:
+def test_e2e_no_lookups(journey: Journey) -> None:
     assert journey.lookups == 0
 
 
-def test_end_to_end_nothing_leaks(journey: Journey) -> None:
+def test_e2e_nothing_leaks(journey: Journey) -> None:
     fake = journey.fake
     planted = [EMAIL, quote(EMAIL), HASH, fake.event_key, fake.api_key]
     planted += [SECRET_KEY, WEBHOOK_SECRET]
@@ -153,7 +153,7 @@ def test_end_to_end_nothing_leaks(journey: Journey) -> None:
     assert [value for value in planted if any(value in text for text in texts)] == []
 
 
-def test_end_to_end_concurrent_webhooks(mapper: MapperProcess) -> None:
+def test_e2e_concurrent_webhooks(mapper: MapperProcess) -> None:
     body = contact_webhook("subscribe", email=EMAIL)
     statuses: list[int] = []
     barrier = threading.Barrier(6)
@@ -172,7 +172,7 @@ def test_end_to_end_concurrent_webhooks(mapper: MapperProcess) -> None:
     assert _contact_rows(mapper) == [("42", EMAIL)]
 
 
-def test_end_to_end_renamed_contact(mapper: MapperProcess, fake_ac: FakeAC) -> None:
+def test_e2e_renamed_contact(mapper: MapperProcess, fake_ac: FakeAC) -> None:
     new_email = "planted.renamed@example.com"
     with httpx.Client(base_url=mapper.url) as browser:
         browser.get("/go", params={"h": HASH, "to": f"{ORIGIN}/"})
@@ -189,6 +189,6 @@ def test_end_to_end_renamed_contact(mapper: MapperProcess, fake_ac: FakeAC) -> N
     assert fake_ac.events()[0]["visit"] == f'{{"email": "{new_email}"}}'
 
 
-def test_end_to_end_logs_lifecycle(journey: Journey) -> None:
+def test_e2e_logs_lifecycle(journey: Journey) -> None:
     assert "mapper is starting." in journey.log
     assert "mapper has stopped." in journey.log
