@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.errors import describe_exception
 from mapper.models import Contact, Event, EventStatus, utcnow
-from mapper.settings import Settings
+from mapper.settings import LEASE_MARGIN, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,15 @@ def compute_backoff(attempts: int) -> timedelta:
     return timedelta(seconds=delay * random.uniform(0.8, 1.2))
 
 
+def retry_time(result: DeliveryResult, *, attempts: int) -> datetime:
+    """When to try again after a failure: AC's Retry-After if it is later
+    than the backoff, so that "retry now" cannot make a hot loop."""
+    earliest = utcnow() + compute_backoff(attempts)
+    if result.retry_at is None:
+        return earliest
+    return max(result.retry_at, earliest)
+
+
 def claim_due(
     sessions: sessionmaker[Session], *, limit: int, lease: float
 ) -> list[Claim]:
@@ -62,7 +71,6 @@ def claim_due(
     """
     now = utcnow()
     token = secrets.token_hex(16)
-    lease_until = now + timedelta(seconds=lease)
     query = (
         select(Event.id, Event.name, Event.data, Contact.email)
         .join(Contact, Contact.id == Event.contact_id)
@@ -79,6 +87,9 @@ def claim_due(
 
     with sessions.begin() as session:
         rows = session.execute(query).all()
+        # Timed from after the lock wait, so the lease is never shorter
+        # than this worker believes.
+        lease_until = utcnow() + timedelta(seconds=lease)
         if rows:
             session.execute(
                 update(Event)
@@ -115,10 +126,10 @@ def record_result(
         # A refusal is kept for another try like any failure: AC's answers
         # do not say whether the event or the account settings were wrong.
         # TODO(#3): tell account-level refusals from ones about the event,
-        # and give up on an event after a bounded number of attempts.
+        # and give up on an event after a bounded number of attempts; remove
+        # when delivery stops per account on a configuration refusal.
         event.last_error = result.message
-        retry_at = result.retry_at or now + compute_backoff(event.attempts)
-        event.next_attempt_at = retry_at
+        event.next_attempt_at = retry_time(result, attempts=event.attempts)
 
 
 def release(sessions: sessionmaker[Session], claims: list[Claim]) -> None:
@@ -171,8 +182,10 @@ class DeliveryWorker:
                 attempted = await self.deliver_round()
             except Exception as exc:
                 # Only the type and place: a database error's text can
-                # quote the row it failed on.
-                logger.error("Delivery round failed (%s).", describe_exception(exc))
+                # quote the row it failed on. Rounds back off like sends.
+                logger.warning("Delivery round failed (%s).", describe_exception(exc))
+                self._failures += 1
+                self.paused_until = utcnow() + compute_backoff(self._failures)
                 attempted = 0
             if attempted == 0:
                 with contextlib.suppress(TimeoutError):
@@ -201,18 +214,21 @@ class DeliveryWorker:
             for claim in claims:
                 if not self._may_send(claim):
                     break
-                outcome = await self._deliver(claim)
+                # Counted before the send: a claim that may have reached AC
+                # is never released early, only left to its lease.
                 attempted += 1
-                if outcome is not Outcome.DELIVERED:
+                if await self._deliver(claim) is not Outcome.DELIVERED:
                     break
         finally:
             await run_in_threadpool(release, self._sessions, claims[attempted:])
         return attempted
 
     def _may_send(self, claim: Claim) -> bool:
-        # A send must end while the lease holds, or another worker could
-        # take the event and send it too; a stopping worker starts no send.
-        deadline = utcnow() + timedelta(seconds=self._settings.ac_timeout)
+        # A send must end, and its outcome be stored, while the lease holds,
+        # or another worker could take the event and send it too; a stopping
+        # worker starts no send.
+        seconds = self._settings.ac_timeout + LEASE_MARGIN
+        deadline = utcnow() + timedelta(seconds=seconds)
         return not self._stop.is_set() and deadline < claim.lease_until
 
     async def _deliver(self, claim: Claim) -> Outcome:
@@ -230,8 +246,7 @@ class DeliveryWorker:
         # AC is down, rate limiting or refusing: pause, for longer after each
         # failure in a row, rather than push the rest of the outbox at it.
         self._failures += 1
-        pause = compute_backoff(self._failures)
-        self.paused_until = result.retry_at or utcnow() + pause
+        self.paused_until = retry_time(result, attempts=self._failures)
         if result.outcome is Outcome.REFUSED:
             # AC's own message stays in the database; it may quote the event.
             logger.warning("AC refused event %d; it will be retried.", claim.event_id)

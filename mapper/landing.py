@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -141,16 +141,21 @@ def choose_target(raw: str | None, *, settings: Settings, ac_hash: str | None) -
     parts = _split_allowed(raw, settings)
     if parts is None:
         return choose_default_target(settings)
-    if ac_hash is None or ac_hash not in raw.lower():
+    if ac_hash is None or not _carries(raw, ac_hash):
         return raw
 
-    if ac_hash in parts.path.lower():
+    if _carries(parts.path, ac_hash):
         return choose_default_target(settings)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [pair for pair in pairs if ac_hash not in "=".join(pair).lower()]
-    query = urlencode(kept) if kept != pairs else parts.query
-    fragment = "" if ac_hash in parts.fragment.lower() else parts.fragment
+    # Only the pieces holding the hash go; the rest stays byte for byte.
+    pieces = parts.query.split("&")
+    query = "&".join(piece for piece in pieces if not _carries(piece, ac_hash))
+    fragment = "" if _carries(parts.fragment, ac_hash) else parts.fragment
     return urlunsplit(parts._replace(query=query, fragment=fragment))
+
+
+def _carries(text: str, ac_hash: str) -> bool:
+    # Percent-escapes are undone first, so an escaped digit hides nothing.
+    return ac_hash in unquote_plus(text).lower()
 
 
 def _split_allowed(raw: str, settings: Settings) -> SplitResult | None:

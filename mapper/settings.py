@@ -42,6 +42,8 @@ COOKIE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 # A day: longer waits or timeouts are mistakes, not choices.
 MAX_SECONDS = 86400.0
+# Time a lease must still have after a send's timeout, to store its outcome.
+LEASE_MARGIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,13 @@ def load_settings(
         port=read.number("MAPPER_PORT", 8000, maximum=65535),
     )
 
-    if settings.delivery_lease <= settings.ac_timeout:
-        # A send that may outlast its lease could be made twice.
+    spare = LEASE_MARGIN + 1
+    if settings.delivery_lease < settings.ac_timeout + spare:
+        # A send that may outlast its lease could be made twice, so each
+        # needs its timeout plus time to store the outcome to be left.
         raise SettingsError(
-            "MAPPER_DELIVERY_LEASE must be longer than MAPPER_AC_TIMEOUT."
+            "MAPPER_DELIVERY_LEASE must be at least MAPPER_AC_TIMEOUT "
+            f"plus {spare:g} seconds."
         )
     return settings
 
@@ -155,9 +160,18 @@ class _Reader:
 
     def optional_url(self, key: str) -> str | None:
         value = self._raw(key)
-        if value is not None and not value.startswith(("http://", "https://")):
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises for a port out of range
+        except ValueError:
+            parts = urlsplit("")
+
+        web = parts.scheme.lower() in {"http", "https"} and bool(parts.hostname)
+        if not web or any(char.isspace() for char in value):
             raise SettingsError(f"{key} must be an http:// or https:// URL.")
-        return value.rstrip("/") if value else None
+        return value.rstrip("/")
 
     def flag(self, key: str, default: bool) -> bool:
         value = self._raw(key)
@@ -240,7 +254,11 @@ class _Reader:
         value = self._raw(key)
         if value is None:
             return None
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises for a port out of range
+        except ValueError:
+            parts = urlsplit("")
         local_path = value.startswith("/") and not value.startswith("//")
         on_allowed_host = parts.scheme in {"http", "https"} and (
             parts.hostname in allowed_hosts

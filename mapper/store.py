@@ -69,12 +69,16 @@ def run_transaction(sessions: sessionmaker[Session], work: Callable[[Session], T
 
 
 def _lost_a_race(exc: IntegrityError | OperationalError) -> bool:
-    """Whether trying again may succeed: a unique-key clash with another
-    writer, a deadlock, a serialization failure, or a busy SQLite file."""
-    if isinstance(exc, IntegrityError):
-        return True
+    """Whether trying again may succeed: another writer took a unique key
+    first, or PostgreSQL chose this transaction to fail in a conflict.
+
+    SQLite's "database is locked" is not retried: it comes only after the
+    30-second busy timeout, and a retry would hold the request for longer.
+    """
     sqlstate = getattr(exc.orig, "sqlstate", None)
-    return sqlstate in RETRIED_SQLSTATES or "database is locked" in str(exc.orig)
+    if isinstance(exc, IntegrityError):
+        return sqlstate == "23505" or "UNIQUE constraint failed" in str(exc.orig)
+    return sqlstate in RETRIED_SQLSTATES
 
 
 def _insert(session: Session, model: type[Any]) -> postgresql.Insert | sqlite.Insert:
@@ -130,7 +134,7 @@ def _attach_hash(session: Session, facts: ContactFacts) -> None:
     session.execute(
         update(Contact)
         .where(Contact.ac_contact_id == facts.ac_contact_id)
-        .values(ac_hash=facts.ac_hash)
+        .values(ac_hash=facts.ac_hash, updated_at=utcnow())
     )
 
 

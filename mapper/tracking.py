@@ -35,6 +35,8 @@ MAX_EVENT_NAME = 32
 # AC documents only the length limit. Integrations keep names to letters,
 # digits, space, dash and underscore, so mapper accepts no more than that.
 EVENT_NAME = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9 _-]*[A-Za-z0-9_-])?")
+# Deeper than any real event's data, and far below Python's recursion limit.
+MAX_DATA_DEPTH = 32
 CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Of the types a page may send cross-origin without a preflight, only
 # text/plain can carry JSON, and it is what sendBeacon sends.
@@ -147,13 +149,33 @@ def _event_data(value: Any) -> str | None:
     if value is None:
         return None
     text = value if isinstance(value, str) else _compact_json(value)
-    if not _is_unicode(text):
-        raise BadRequest('Expected "data" without lone surrogates.', status=422)
+    # PostgreSQL text cannot hold NUL, and no HTTP form can carry a lone
+    # surrogate; both are refused here rather than failing in the database.
+    if "\x00" in text or not _is_unicode(text):
+        raise BadRequest(
+            'Expected "data" without NUL characters or lone surrogates.', status=422
+        )
     return text
 
 
 def _compact_json(value: Any) -> str:
+    if _depth(value) > MAX_DATA_DEPTH:
+        raise BadRequest(
+            f'Expected "data" nested at most {MAX_DATA_DEPTH} deep.', status=422
+        )
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _depth(value: Any) -> int:
+    # Walked without recursion, so that no input can exhaust the stack.
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, dict | list):
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _is_unicode(text: str) -> bool:

@@ -295,11 +295,11 @@ def test_round_stops_before_lease_ends(
     client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "first", "second")
-    # The first send may start up to 2 s into the lease; once it has taken
-    # 2.5 s, another 10 s timeout would outlast the 12 s lease.
-    fake_ac.set_mode("slow", delay=2.5)
+    # A send needs its 3 s timeout and a 5 s margin left in the 9 s lease:
+    # the first may start within 1 s of the claim, none after it took 1.5 s.
+    fake_ac.set_mode("slow", delay=1.5)
     tight = make_settings(
-        database_url, fake_ac, MAPPER_DELIVERY_LEASE="12", MAPPER_AC_TIMEOUT="10"
+        database_url, fake_ac, MAPPER_DELIVERY_LEASE="9", MAPPER_AC_TIMEOUT="3"
     )
 
     _run_rounds(tight, engine)
@@ -382,7 +382,7 @@ def test_worker_survives_failed_round(
         await task
         await ac.aclose()
 
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.WARNING):
         asyncio.run(run())
 
     assert "Delivery round failed (OperationalError at" in caplog.text
@@ -474,3 +474,16 @@ def test_outage_warned_once_per_run(
 
     assert len(fake_ac.requests) == 2
     assert caplog.text.count("AC is not taking events") == 1
+
+
+def test_retry_after_zero_still_backs_off(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _identified_events(client, fake_ac, "first", "second")
+    fake_ac.set_mode("rate_limit", retry_after=0)
+
+    worker = _run_rounds(settings, engine, rounds=5)
+
+    assert len(fake_ac.requests) == 1
+    assert worker.paused_until is not None and worker.paused_until > utcnow()
+    assert events(engine)[0].next_attempt_at > utcnow() + timedelta(seconds=1)

@@ -237,6 +237,7 @@ def test_go_strips_hash_from_target(client: TestClient) -> None:
     ("target", "given"),
     [
         pytest.param("http://shop.example:8080/a?b=c#top", HASH, id="unrelated"),
+        pytest.param("https://shop.example/p?utm=1#top", HASH, id="utm"),
         pytest.param("https://shop.example/?q=a%20b&flag", HASH, id="encoding-kept"),
         pytest.param("https://shop.example/?e=eee", None, id="malformed-hash"),
     ],
@@ -271,3 +272,12 @@ def test_go_lookup_older_than_row(
     client.get("/go", params=LINK)
 
     assert visitors(engine)[0].contact_id == contacts(engine)[0].id
+
+
+def test_choose_target_strips_only_hash(settings: Settings) -> None:
+    escaped = HASH[:3] + "%" + format(ord(HASH[3]), "x") + HASH[4:]
+    target = f"https://shop.example/p?flag&a=1;b=2&h={escaped}&x=%FF"
+
+    chosen = choose_target(target, settings=settings, ac_hash=HASH)
+
+    assert chosen == "https://shop.example/p?flag&a=1;b=2&x=%FF"

@@ -130,6 +130,14 @@ SECRETISH = "planted-value-0123"
         pytest.param("MAPPER_DEFAULT_REDIRECT", "//evil.example/", id="scheme-less"),
         pytest.param("MAPPER_DEFAULT_REDIRECT", "https://evil.example/", id="foreign"),
         pytest.param("MAPPER_DELIVERY_LEASE", "5", id="lease-under-timeout"),
+        pytest.param("MAPPER_DELIVERY_LEASE", "15.5", id="lease-no-margin"),
+        pytest.param("MAPPER_AC_API_URL", "https://planted exa.com", id="url-space"),
+        pytest.param("MAPPER_AC_API_URL", "https://:443", id="url-no-host"),
+        pytest.param("MAPPER_AC_API_URL", "https://[planted", id="url-bracket"),
+        pytest.param("MAPPER_DEFAULT_REDIRECT", "http://[::1", id="bad-bracket"),
+        pytest.param(
+            "MAPPER_DEFAULT_REDIRECT", "https://shop.example:99999/", id="bad-port"
+        ),
         pytest.param("MAPPER_DELIVERY_LEASE", "inf", id="infinite"),
         pytest.param("MAPPER_AC_TIMEOUT", "1e400", id="huge-timeout"),
         pytest.param("MAPPER_WEBHOOK_SECRET", "planted/secret/value", id="slash"),
@@ -151,3 +159,11 @@ def test_settings_repr_hides_password() -> None:
     settings = load_settings({"MAPPER_DATABASE_URL": url}, env_file=None)
 
     assert "planted-password" not in repr(settings)
+
+
+def test_uppercase_url_scheme_accepted() -> None:
+    settings = load_settings(
+        {"MAPPER_AC_API_URL": "HTTPS://YourAccount.api-us1.com"}, env_file=None
+    )
+
+    assert settings.ac_api_url == "HTTPS://YourAccount.api-us1.com"

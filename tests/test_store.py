@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -9,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from mapper.db import make_sessionmaker
 from mapper.errors import StoreConflict
-from mapper.store import run_transaction, touch_visitor
+from mapper.models import Source, utcnow
+from mapper.store import ContactFacts, record_contact, run_transaction, touch_visitor
 from mapper.tokens import make_visitor_id
-from tests.helpers import EMAIL, visitors
+from tests.helpers import EMAIL, HASH, contacts, visitors
 
 
 def test_run_transaction_gives_up(engine: Engine) -> None:
@@ -19,7 +22,8 @@ def test_run_transaction_gives_up(engine: Engine) -> None:
 
     def always_conflicts(session: Session) -> None:
         calls.append(1)
-        raise IntegrityError("INSERT", {}, Exception(f"Key (email)=({EMAIL})"))
+        failure = Exception(f"UNIQUE constraint failed: contacts.email ({EMAIL})")
+        raise IntegrityError("INSERT", {}, failure)
 
     with pytest.raises(StoreConflict) as caught:
         run_transaction(make_sessionmaker(engine), always_conflicts)
@@ -61,14 +65,48 @@ def test_run_transaction_faults_raise(engine: Engine) -> None:
     assert len(calls) == 1
 
 
-def test_run_transaction_retries_busy(engine: Engine) -> None:
+class PostgresConflict(Exception):
+    """Stands for psycopg's error object: what PostgreSQL reports is its code."""
+
+    sqlstate = "40001"
+
+
+def test_run_transaction_retries_conflict(engine: Engine) -> None:
     calls: list[int] = []
 
-    def busy_once(session: Session) -> str:
+    def conflict_once(session: Session) -> str:
         calls.append(1)
         if len(calls) == 1:
-            raise OperationalError("INSERT", {}, Exception("database is locked"))
+            raise OperationalError("UPDATE", {}, PostgresConflict())
         return "done"
 
-    assert run_transaction(make_sessionmaker(engine), busy_once) == "done"
+    assert run_transaction(make_sessionmaker(engine), conflict_once) == "done"
     assert len(calls) == 2
+
+
+def test_run_transaction_other_integrity_raises(engine: Engine) -> None:
+    calls: list[int] = []
+
+    def null_column(session: Session) -> None:
+        calls.append(1)
+        raise IntegrityError("INSERT", {}, Exception("NOT NULL constraint failed"))
+
+    with pytest.raises(IntegrityError):
+        run_transaction(make_sessionmaker(engine), null_column)
+
+    assert len(calls) == 1
+
+
+def test_record_contact_older_lookup_keeps_hash(engine: Engine) -> None:
+    sessions = make_sessionmaker(engine)
+    later = utcnow()
+    webhook = ContactFacts("42", EMAIL, later, Source.WEBHOOK)
+    lookup = ContactFacts(
+        "42", EMAIL, later - timedelta(seconds=1), Source.HASH, ac_hash=HASH
+    )
+
+    for facts in (webhook, lookup):
+        with sessions.begin() as session:
+            record_contact(session, facts)
+
+    assert [c.ac_hash for c in contacts(engine)] == [HASH]

@@ -87,6 +87,7 @@ def test_track_text_plain_accepted(client: TestClient, engine: Engine) -> None:
         pytest.param(12.5, "12.5", id="number"),
         pytest.param(True, "true", id="bool"),
         pytest.param(None, None, id="null"),
+        pytest.param([[{"a": [1]}]], '[[{"a":[1]}]]', id="nested"),
         pytest.param("caf\u00e9", "caf\u00e9", id="unicode"),
     ],
 )
@@ -131,6 +132,13 @@ def test_track_32_char_name(client: TestClient, engine: Engine) -> None:
         pytest.param(b"\xff\xfe{}", 400, "UTF-8", id="not-utf8"),
         pytest.param(b"[1, 2]", 400, "object", id="array"),
         pytest.param(b'{"event": "a", "event": "b"}', 400, "once", id="repeated-key"),
+        pytest.param(b'{"event": "e", "data": "a\\u0000b"}', 422, "NUL", id="nul"),
+        pytest.param(
+            b'{"event": "e", "data": ' + b"[" * 33 + b"]" * 33 + b"}",
+            422,
+            "32 deep",
+            id="deeper-than-32",
+        ),
         pytest.param(b'{"event": "e", "data": NaN}', 400, "JSON", id="nan"),
         pytest.param(b'{"event": "e", "data": -Infinity}', 400, "JSON", id="infinity"),
         pytest.param(b'{"event": "e", "data": 1e999}', 400, "JSON", id="overflow"),
