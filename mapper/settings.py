@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -162,12 +162,8 @@ class _Reader:
         value = self._raw(key)
         if value is None:
             return None
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises for a port out of range
-        except ValueError:
-            parts = urlsplit("")
 
+        parts = _split_url(value)
         web = parts.scheme.lower() in {"http", "https"} and bool(parts.hostname)
         if not web or any(char.isspace() for char in value):
             raise SettingsError(f"{key} must be an http:// or https:// URL.")
@@ -254,11 +250,8 @@ class _Reader:
         value = self._raw(key)
         if value is None:
             return None
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises for a port out of range
-        except ValueError:
-            parts = urlsplit("")
+
+        parts = _split_url(value)
         local_path = value.startswith("/") and not value.startswith("//")
         on_allowed_host = parts.scheme in {"http", "https"} and (
             parts.hostname in allowed_hosts
@@ -283,6 +276,16 @@ class _Reader:
         for item in keys:
             _check_secret(key, item, MIN_SECRET_LENGTH)
         return tuple(Secret(item) for item in keys)
+
+
+def _split_url(value: str) -> SplitResult:
+    """Split a URL; a malformed one (bad brackets or port) splits as empty."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        return urlsplit("")
+    return parts
 
 
 def _check_secret(key: str, value: str, min_length: int) -> None:
