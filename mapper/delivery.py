@@ -240,6 +240,8 @@ class DeliveryWorker:
         )
 
         if result.outcome is Outcome.DELIVERED:
+            if self._failures:
+                logger.info("AC is taking events again; delivery resumes.")
             self._failures = 0
             return result.outcome
 

@@ -179,7 +179,7 @@ class _Reader:
             return False
         raise SettingsError(f"{key} must be true or false.")
 
-    def number(self, key: str, default: int, *, maximum: int = 2**31) -> int:
+    def number(self, key: str, default: int, *, maximum: int = 2**31 - 1) -> int:
         value = self._raw(key)
         if value is None:
             return default

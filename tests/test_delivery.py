@@ -476,6 +476,34 @@ def test_outage_warned_once_per_run(
     assert caplog.text.count("AC is not taking events") == 1
 
 
+def test_recovery_logged_once(
+    client: TestClient,
+    settings: Settings,
+    engine: Engine,
+    fake_ac: FakeAC,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _identified_events(client, fake_ac, "first", "second")
+    fake_ac.set_mode("error")
+
+    async def fail_then_recover() -> None:
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        await worker.deliver_round()
+        fake_ac.set_mode("up")
+        with Session(engine) as session, session.begin():
+            session.execute(update(Event).values(next_attempt_at=utcnow()))
+        worker.paused_until = None
+        await worker.deliver_round()
+        await ac.aclose()
+
+    with caplog.at_level(logging.INFO, logger="mapper"):
+        asyncio.run(fail_then_recover())
+
+    assert [e.status for e in events(engine)] == ["delivered", "delivered"]
+    assert caplog.text.count("delivery resumes") == 1
+
+
 def test_retry_after_zero_still_backs_off(
     client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
