@@ -121,13 +121,14 @@ def describe_exception(exc: BaseException) -> str:
     below it say little more than the type does.
     """
     frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+
     ours = [
         frame
         for frame in frames
         if frame.filename.startswith(PACKAGE) and frame.filename != __file__
     ]
-    if not frames:
-        return type(exc).__name__
     frame = (ours or frames)[-1]
     place = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
     return f"{type(exc).__name__} at {place}"

@@ -57,17 +57,16 @@ async def go(request: Request) -> Response:
         request.query_params.get("to"), settings=state.settings, ac_hash=ac_hash
     )
 
-    looked_up = await _look_up(state, ac_hash) if ac_hash else None
-    visitor_id = await run_in_threadpool(
-        run_transaction,
-        state.sessions,
-        lambda session: _land(
-            session,
-            visitor_id=read_visitor_cookie(request),
-            ac_hash=ac_hash,
-            looked_up=looked_up,
-        ),
+    visitor_id, identified = await _land(
+        state, read_visitor_cookie(request), ac_hash=ac_hash
     )
+    if ac_hash is not None and not identified:
+        # AC is asked outside the transaction, so no lock waits on it.
+        looked_up = await _look_up(state, ac_hash)
+        if looked_up is not None:
+            visitor_id, _ = await _land(
+                state, visitor_id, ac_hash=ac_hash, looked_up=looked_up
+            )
 
     response = RedirectResponse(target, status_code=302)
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -76,9 +75,8 @@ async def go(request: Request) -> Response:
 
 
 async def _look_up(state: Runtime, ac_hash: str) -> LookedUpContact | None:
-    """Ask AC about a hash mapper has not seen, unless AC denied it lately."""
-    known = await run_in_threadpool(_is_known, state, ac_hash)
-    if known or ac_hash in state.unknown_hashes:
+    """Ask AC about a hash mapper does not hold, unless AC denied it lately."""
+    if ac_hash in state.unknown_hashes:
         return None
 
     try:
@@ -92,29 +90,31 @@ async def _look_up(state: Runtime, ac_hash: str) -> LookedUpContact | None:
     return looked_up
 
 
-def _is_known(state: Runtime, ac_hash: str) -> bool:
-    with state.sessions() as session:
-        return find_contact_by_hash(session, ac_hash) is not None
-
-
-def _land(
-    session: Session,
-    *,
+async def _land(
+    state: Runtime,
     visitor_id: VisitorId | None,
+    *,
     ac_hash: str | None,
-    looked_up: LookedUpContact | None,
-) -> VisitorId:
-    """Store what AC said, then bind the visitor if the hash is known."""
-    visitor = touch_visitor(session, visitor_id)
-    if looked_up is not None:
-        record_contact(session, _facts(looked_up))
+    looked_up: LookedUpContact | None = None,
+) -> tuple[VisitorId, bool]:
+    """Store what AC said, then bind the visitor if the hash is known.
 
-    contact: Contact | None = None
-    if ac_hash is not None:
-        contact = find_contact_by_hash(session, ac_hash)
-    if contact is not None:
-        identify_visitor(session, visitor, contact, how=Source.HASH)
-    return VisitorId(visitor.public_id)
+    Returns the visitor's id and whether it is now bound to the contact.
+    """
+
+    def land(session: Session) -> tuple[VisitorId, bool]:
+        visitor = touch_visitor(session, visitor_id)
+        if looked_up is not None:
+            record_contact(session, _facts(looked_up))
+
+        contact: Contact | None = None
+        if ac_hash is not None:
+            contact = find_contact_by_hash(session, ac_hash)
+        if contact is not None:
+            identify_visitor(session, visitor, contact, how=Source.HASH)
+        return VisitorId(visitor.public_id), contact is not None
+
+    return await run_in_threadpool(run_transaction, state.sessions, land)
 
 
 def _facts(found: LookedUpContact) -> ContactFacts:

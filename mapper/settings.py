@@ -37,7 +37,7 @@ DATABASE_SCHEMES = (
 # Host names and origins are compared as text with what browsers send, so
 # only the plain lowercase forms are accepted.
 HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
-ORIGIN = re.compile(r"https?://[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
+ORIGIN = re.compile(rf"https?://{HOST_NAME.pattern}(?::[0-9]{{1,5}})?")
 COOKIE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 # A day: longer waits or timeouts are mistakes, not choices.

@@ -172,9 +172,10 @@ def _depth(value: Any) -> int:
     while stack:
         item, level = stack.pop()
         deepest = max(deepest, level)
-        children = item.values() if isinstance(item, dict) else item
-        if isinstance(item, dict | list):
-            stack.extend((child, level + 1) for child in children)
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
     return deepest
 
 
