@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from importlib.resources import files
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,14 +27,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mapper.clients import ACClient
-from mapper.db import make_engine, make_sessionmaker
+from mapper.db import check_schema, make_engine, make_sessionmaker
 from mapper.delivery import DeliveryWorker
-from mapper.errors import BadRequest, SafeErrors, error_response, handle_bad_request
+from mapper.errors import (
+    BadRequest,
+    SafeErrors,
+    SchemaError,
+    error_response,
+    handle_bad_request,
+)
 from mapper.landing import go, landed
+from mapper.metrics import Metrics
 from mapper.settings import Settings, require_secret_keys
 from mapper.tokens import VisitorSigner
 from mapper.tracking import track
-from mapper.web import Runtime
+from mapper.web import Runtime, get_runtime
 from mapper.webhooks import activecampaign_webhook
 
 logger = logging.getLogger(__name__)
@@ -50,7 +59,26 @@ async def snippet(request: Request) -> Response:
 
 
 async def health(request: Request) -> JSONResponse:
+    """Answer while the process runs; it checks nothing else."""
     return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> JSONResponse:
+    """Answer 200 only while the database is reachable and current."""
+    state = get_runtime(request)
+    try:
+        await run_in_threadpool(check_schema, state.engine)
+    except SchemaError as exc:
+        # The message names what to do and never the URL.
+        return JSONResponse({"status": "not ready", "reason": str(exc)}, 503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    """This process's metrics and the outbox's counts, for Prometheus."""
+    state = get_runtime(request)
+    text = await run_in_threadpool(state.metrics.render)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 async def missing_webhook_secret(request: Request) -> Response:
@@ -94,12 +122,14 @@ def create_app(
     """
     require_secret_keys(settings)
     bound = engine or make_engine(settings.database_url)
+    sessions = make_sessionmaker(bound)
     state = Runtime(
         settings=settings,
         engine=bound,
-        sessions=make_sessionmaker(bound),
+        sessions=sessions,
         signer=VisitorSigner(settings.secret_keys, max_age=settings.cookie_max_age),
         ac=ACClient(settings),
+        metrics=Metrics(sessions),
     )
 
     app = Starlette(
@@ -124,7 +154,10 @@ def _lifespan(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
         worker = DeliveryWorker(
-            state.settings, sessions=state.sessions, client=state.ac
+            state.settings,
+            sessions=state.sessions,
+            client=state.ac,
+            metrics=state.metrics,
         )
         task = asyncio.create_task(worker.run(stop)) if deliver else None
         yield
@@ -147,6 +180,8 @@ def _routes() -> list[Route]:
         Route("/track", track, methods=["POST"]),
         Route("/mapper.js", snippet, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
+        Route("/readyz", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route(
             "/webhooks/activecampaign/{secret}",
             activecampaign_webhook,

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -29,6 +30,15 @@ MAX_MESSAGE = 500
 # A Retry-After longer than this is taken as this: an hour's pause is the
 # most a single answer may impose on the outbox.
 MAX_RETRY_AFTER = 3600
+# How long lookups pause after a 429 or 503 that names no time.
+LOOKUP_PAUSE = 5.0
+# AC answers at its limit with 429, and has been seen answering 503.
+RATE_LIMITED = {429, 503}
+# AC's only observed refusal text names the account ID; refusals naming the
+# account, the key or tracking being off are taken as the settings being
+# wrong, which no retry of this or any other event can fix.
+ACCOUNT_PROBLEM = re.compile(r"account|actid|\bkey\b|not enabled|disabled", re.I)
+ACCOUNT_STATUSES = {401, 403, 404}
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class Outcome(StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"  # try again later, not before `retry_at` if AC said so
     REFUSED = "refused"  # AC will not take this event
+    MISCONFIGURED = "misconfigured"  # AC will take no event with these settings
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,32 @@ class DeliveryResult:
     retry_at: datetime | None = None
 
 
+class RateLimiter:
+    """Spaces calls at most `rate` per second apart, within one event loop.
+
+    Each caller books the next free slot before it sleeps, so that callers
+    waiting together leave one by one rather than all at once.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next_slot = 0.0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
 class ACClient:
-    """Talks to AC's v1 contact API and its event tracking endpoint."""
+    """Talks to AC's v1 contact API and its event tracking endpoint.
+
+    Lookups and event posts share one rate limit, since AC counts them
+    against one account. After a 429 or 503, calls to that endpoint pause
+    until AC's Retry-After has passed.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -67,6 +102,13 @@ class ACClient:
             follow_redirects=False,
             headers={"User-Agent": "mapper"},
         )
+        self._limiter = RateLimiter(settings.ac_rate_limit)
+        self._lookups_paused_until: datetime | None = None
+        self._events_paused_until: datetime | None = None
+
+    async def take_turn(self) -> None:
+        """Wait until a call fits within the rate limit."""
+        await self._limiter.wait()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -82,17 +124,23 @@ class ACClient:
         settings = self._settings
         if not settings.lookup_configured:
             return None
+        if _still_paused(self._lookups_paused_until):
+            raise ACUnavailable("AC asked for a pause in contact lookups.")
+
         params = {
             "api_action": "contact_view_hash",
             "api_key": str(settings.ac_api_key),
             "api_output": "json",
             "hash": ac_hash,
         }
+        await self.take_turn()
         try:
             async with asyncio.timeout(settings.ac_timeout):
                 response = await self._http.get(
                     f"{settings.ac_api_url}/admin/api.php", params=params
                 )
+            if response.status_code in RATE_LIMITED:
+                self._lookups_paused_until = _pause_end(response)
             response.raise_for_status()
             body = response.json()
         except (httpx.HTTPError, ValueError, TimeoutError):
@@ -105,8 +153,16 @@ class ACClient:
     async def send_event(
         self, *, email: str, name: str, data: str | None
     ) -> DeliveryResult:
-        """Post one event to AC's tracking endpoint for the contact `email`."""
+        """Post one event to AC's tracking endpoint for the contact `email`.
+
+        Takes no turn of the rate limit itself: the caller takes one with
+        `take_turn` first, so that it can check it still has time to send.
+        """
         settings = self._settings
+        if _still_paused(self._events_paused_until):
+            message = "Paused at AC's request."
+            return DeliveryResult(Outcome.RETRY, message, self._events_paused_until)
+
         form = {
             "actid": settings.ac_actid or "",
             "key": str(settings.ac_event_key or ""),
@@ -123,7 +179,19 @@ class ACClient:
         except (httpx.HTTPError, TimeoutError) as exc:
             return DeliveryResult(Outcome.RETRY, f"Network error: {type(exc).__name__}")
 
-        return read_track_answer(response)
+        result = read_track_answer(response)
+        if response.status_code in RATE_LIMITED:
+            self._events_paused_until = result.retry_at
+        return result
+
+
+def _still_paused(until: datetime | None) -> bool:
+    return until is not None and datetime.now(UTC) < until
+
+
+def _pause_end(response: httpx.Response) -> datetime:
+    named = parse_retry_after(response.headers.get("Retry-After"))
+    return named or datetime.now(UTC) + timedelta(seconds=LOOKUP_PAUSE)
 
 
 def read_view_answer(body: Any, ac_hash: str) -> LookedUpContact | None:
@@ -176,7 +244,11 @@ def read_track_answer(response: httpx.Response) -> DeliveryResult:
     success = body.get("success")
     if status == 200 and type(success) is int and success == 1:
         return DeliveryResult(Outcome.DELIVERED, message)
-    return DeliveryResult(Outcome.REFUSED, message or f"AC answered HTTP {status}.")
+
+    message = message or f"AC answered HTTP {status}."
+    if status in ACCOUNT_STATUSES or ACCOUNT_PROBLEM.search(message):
+        return DeliveryResult(Outcome.MISCONFIGURED, message)
+    return DeliveryResult(Outcome.REFUSED, message)
 
 
 def parse_retry_after(value: str | None) -> datetime | None:

@@ -24,6 +24,7 @@ from mapper.settings import Settings
 from mapper.store import (
     ContactFacts,
     find_contact_by_hash,
+    held_since,
     identify_visitor,
     record_contact,
     run_transaction,
@@ -111,7 +112,13 @@ async def _land(
         if ac_hash is not None:
             contact = find_contact_by_hash(session, ac_hash)
         if contact is not None:
-            identify_visitor(session, visitor, contact, how=Source.HASH)
+            identify_visitor(
+                session,
+                visitor,
+                contact,
+                how=Source.HASH,
+                held_since=held_since(state.settings.held_event_ttl),
+            )
         return VisitorId(visitor.public_id), contact is not None
 
     return await run_in_threadpool(run_transaction, state.sessions, land)

@@ -73,6 +73,13 @@ class EventStatus(StrEnum):
     HELD = "held"  # the visitor is not identified yet
     PENDING = "pending"  # waiting for delivery, or for another try
     DELIVERED = "delivered"
+    DEAD = "dead"  # given up on; `mapper events replay` queues it again
+
+
+class DeadReason(StrEnum):
+    """Why delivery gave up on an event; `last_error` keeps AC's words."""
+
+    REFUSED = "refused"  # AC refused the event itself, every time it was tried
 
 
 class ContactStatus(StrEnum):
@@ -134,6 +141,8 @@ class Event(Base):
 
     A worker that claims the event writes a random `lease_token` and a
     `lease_until`; only the holder of the token may record the outcome.
+    `attempts` counts every send, `refusals` only those AC refused, which
+    are the ones that can make an event dead.
     """
 
     __tablename__ = "events"
@@ -155,9 +164,11 @@ class Event(Base):
     client_id: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    refusals: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lease_token: Mapped[str | None] = mapped_column(String(32))
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+    dead_reason: Mapped[str | None] = mapped_column(String(16))

@@ -44,6 +44,11 @@ URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 MAX_SECONDS = 86400.0
 # Time a lease must still have after a send's timeout, to store its outcome.
 LEASE_MARGIN = 5.0
+# AC's documented budget: 5 requests per second per account.
+AC_RATE_LIMIT = 5.0
+MAX_CONCURRENCY = 1000
+# An anonymous visitor's events wait a week to be identified, then go.
+HELD_EVENT_TTL = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class Settings:
     delivery_batch_size: int
     delivery_interval: float
     delivery_lease: float
+    delivery_concurrency: int
+    delivery_max_refusals: int
+    delivery_backoff_max: float
+    ac_rate_limit: float
+    held_events_per_visitor: int
+    held_event_ttl: int
     host: str
     port: int
 
@@ -128,6 +139,16 @@ def load_settings(
         delivery_batch_size=read.number("MAPPER_DELIVERY_BATCH_SIZE", 50),
         delivery_interval=read.decimal("MAPPER_DELIVERY_INTERVAL", 1.0),
         delivery_lease=read.decimal("MAPPER_DELIVERY_LEASE", 60.0),
+        delivery_concurrency=read.number(
+            "MAPPER_DELIVERY_CONCURRENCY", 10, maximum=MAX_CONCURRENCY
+        ),
+        delivery_max_refusals=read.number("MAPPER_DELIVERY_MAX_REFUSALS", 3),
+        delivery_backoff_max=read.decimal("MAPPER_DELIVERY_BACKOFF_MAX", 3600.0),
+        ac_rate_limit=read.decimal(
+            "MAPPER_AC_RATE_LIMIT", AC_RATE_LIMIT, unit="calls per second"
+        ),
+        held_events_per_visitor=read.number("MAPPER_HELD_EVENTS_PER_VISITOR", 100),
+        held_event_ttl=read.number("MAPPER_HELD_EVENT_TTL", HELD_EVENT_TTL),
         host=read.text("MAPPER_HOST", "127.0.0.1"),
         port=read.number("MAPPER_PORT", 8000, maximum=65535),
     )
@@ -187,7 +208,7 @@ class _Reader:
             raise SettingsError(f"{key} must be a whole number from 1 to {maximum}.")
         return int(value)
 
-    def decimal(self, key: str, default: float) -> float:
+    def decimal(self, key: str, default: float, *, unit: str = "seconds") -> float:
         value = self._raw(key)
         if value is None:
             return default
@@ -197,7 +218,7 @@ class _Reader:
             number = -1.0
         if not 0 < number <= MAX_SECONDS:
             raise SettingsError(
-                f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS}."
+                f"{key} must be a number of {unit} above 0 and at most {MAX_SECONDS}."
             )
         return number
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -220,9 +221,18 @@ def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
 
 
 def identify_visitor(
-    session: Session, visitor: Visitor, contact: Contact, *, how: Source
+    session: Session,
+    visitor: Visitor,
+    contact: Contact,
+    *,
+    how: Source,
+    held_since: datetime,
 ) -> None:
-    """Bind `visitor` to `contact` and release its held events for delivery."""
+    """Bind `visitor` to `contact` and release its held events for delivery.
+
+    Held events received before `held_since` have expired and stay held
+    until the delivery loop drops them.
+    """
     now = utcnow()
     visitor.contact_id = contact.id
     visitor.identified_at = now
@@ -231,9 +241,34 @@ def identify_visitor(
 
     session.execute(
         update(Event)
-        .where(Event.visitor_id == visitor.id, Event.status == EventStatus.HELD)
+        .where(
+            Event.visitor_id == visitor.id,
+            Event.status == EventStatus.HELD,
+            Event.received_at >= held_since,
+        )
         .values(contact_id=contact.id, status=EventStatus.PENDING, next_attempt_at=now)
     )
+
+
+def held_since(ttl: int) -> datetime:
+    """The oldest intake time a held event may have and still be kept."""
+    return utcnow() - timedelta(seconds=ttl)
+
+
+class Intake(StrEnum):
+    """What `add_event` did with an event."""
+
+    STORED = "stored"
+    REPEATED = "repeated"  # the visitor sent this client id before
+    HELD_FULL = "held_full"  # the anonymous visitor has all it may hold
+
+
+@dataclass(frozen=True)
+class HoldLimit:
+    """How many events an anonymous visitor may hold, and since when."""
+
+    most: int
+    since: datetime
 
 
 def add_event(
@@ -243,14 +278,21 @@ def add_event(
     name: str,
     data: str | None,
     client_id: str | None,
-) -> None:
+    hold: HoldLimit,
+) -> Intake:
     """Put an event in the outbox, unless it repeats one already there.
 
     A repeat is a second event from the same visitor with the same client
     id, as a browser sends when it retries; it is dropped without error.
+    An anonymous visitor's events are held, up to `hold.most` received
+    since `hold.since`; the visitor row is locked, so racing requests
+    cannot both take the last place.
     """
     now = utcnow()
     identified = visitor.contact_id is not None
+    if not identified and _held_count(session, visitor, hold.since) >= hold.most:
+        return Intake.HELD_FULL
+
     insert = _insert(session, Event).values(
         visitor_id=visitor.id,
         contact_id=visitor.contact_id,
@@ -262,4 +304,16 @@ def add_event(
         received_at=now,
         next_attempt_at=now,
     )
-    session.execute(insert.on_conflict_do_nothing())
+    # RETURNING tells a stored row from a skipped one on both databases;
+    # rowcount did not on PostgreSQL.
+    stored = session.scalar(insert.on_conflict_do_nothing().returning(Event.id))
+    return Intake.REPEATED if stored is None else Intake.STORED
+
+
+def _held_count(session: Session, visitor: Visitor, since: datetime) -> int:
+    query = select(func.count()).where(
+        Event.visitor_id == visitor.id,
+        Event.status == EventStatus.HELD,
+        Event.received_at >= since,
+    )
+    return session.scalar(query) or 0

@@ -20,7 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mapper.errors import BadRequest
-from mapper.store import add_event, run_transaction, touch_visitor
+from mapper.store import (
+    HoldLimit,
+    Intake,
+    add_event,
+    held_since,
+    run_transaction,
+    touch_visitor,
+)
 from mapper.tokens import VisitorId
 from mapper.web import (
     Runtime,
@@ -205,18 +212,33 @@ def accept_event(
     """Store `event` for the visitor (new if unknown); return the visitor id.
 
     This is event intake independent of the HTTP shape: any other way of
-    receiving events calls it too.
+    receiving events calls it too. Raises `BadRequest` (429) when the
+    visitor is anonymous and holds as many events as it may.
     """
+    settings = state.settings
+    hold = HoldLimit(
+        settings.held_events_per_visitor, held_since(settings.held_event_ttl)
+    )
 
-    def store(session: Session) -> VisitorId:
+    def store(session: Session) -> tuple[VisitorId, Intake]:
         known = touch_visitor(session, visitor)
-        add_event(
+        intake = add_event(
             session,
             known,
             name=event.name,
             data=event.data,
             client_id=event.client_id,
+            hold=hold,
         )
-        return VisitorId(known.public_id)
+        return VisitorId(known.public_id), intake
 
-    return run_transaction(state.sessions, store)
+    visitor_id, intake = run_transaction(state.sessions, store)
+    if intake is Intake.HELD_FULL:
+        raise BadRequest(
+            f"Expected at most {hold.most} events from a visitor not yet "
+            "identified; this one is kept no further until it is.",
+            status=429,
+        )
+    if intake is Intake.STORED:
+        state.metrics.accepted.inc()
+    return visitor_id

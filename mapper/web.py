@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from mapper.clients import ACClient
 from mapper.errors import BadRequest
+from mapper.metrics import Metrics
 from mapper.settings import Settings
 from mapper.tokens import VisitorId, VisitorSigner
 
@@ -52,6 +53,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     signer: VisitorSigner
     ac: ACClient
+    metrics: Metrics
     unknown_hashes: UnknownHashes = field(default_factory=UnknownHashes)
 
 

@@ -28,7 +28,7 @@ DEFAULT_ACTID = "223344556"
 DEFAULT_EVENT_KEY = "0123456789abcdef0123456789abcdef01234567"
 DEFAULT_API_KEY = "fake-api-token-for-tests-only"
 FORM_TYPE = "application/x-www-form-urlencoded"
-MODES = ("up", "down", "slow", "rate_limit", "html", "error")
+MODES = ("up", "down", "slow", "rate_limit", "unavailable", "html", "error")
 HTTP_MODES = tuple(mode for mode in MODES if mode != "down")
 V1_METHODS = ["GET", "POST"]
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -55,6 +55,8 @@ class RecordedRequest:
     body: bytes
     form: dict[str, str]
     status: int
+    # When the request arrived, by this machine's monotonic clock.
+    arrived: float
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class FakeAC:
         self._requests: list[RecordedRequest] = []
         self._events: list[dict[str, str]] = []
         self._mode = _Mode()
+        self._refused: dict[str, str] = {}
+        self._in_flight = 0
+        self.most_in_flight = 0
         self._down = False
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -145,6 +150,24 @@ class FakeAC:
             self._serve()
         self._down = mode == "down"
 
+    def refuse_event(self, name: str, message: str | None) -> None:
+        """Answer events called `name` with `"success": 0` and `message`,
+        or accept them again when `message` is None.
+
+        AC documents none of its reasons to refuse a single event; this
+        stands in for whichever it has.
+        """
+        with self._lock:
+            if message is None:
+                self._refused.pop(name, None)
+            else:
+                self._refused[name] = message
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not yet answered."""
+        return self._in_flight
+
     def events(self) -> list[dict[str, str]]:
         with self._lock:
             return [dict(event) for event in self._events]
@@ -157,6 +180,7 @@ class FakeAC:
         with self._lock:
             self._requests.clear()
             self._events.clear()
+        self.most_in_flight = 0
 
     def _serve(self) -> None:
         # Lifespan and websockets are off: the fake needs neither, and skipping
@@ -208,9 +232,15 @@ class FakeAC:
 
     def _answer(self, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
+            arrived = time.monotonic()
             body = await request.body()
-            response = await self._apply_mode(request, handler)
-            self._record(request, body, response.status_code)
+            self._in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self._in_flight)
+            try:
+                response = await self._apply_mode(request, handler)
+            finally:
+                self._in_flight -= 1
+            self._record(request, body, response.status_code, arrived)
             return response
 
         return endpoint
@@ -228,16 +258,22 @@ class FakeAC:
                 "RateLimit-Remaining": "0",
             }
             return JSONResponse({"message": "Too Many Requests"}, 429, headers)
+        if mode.name == "unavailable":
+            # The 503 some clients met at the limit (section 2.6), no header.
+            return JSONResponse({"message": "Service Unavailable"}, 503)
         if mode.name == "html":
             return HTMLResponse(MAINTENANCE_PAGE)
         if mode.name == "error":
             return HTMLResponse(ERROR_PAGE, status_code=500)
         return await handler(request)
 
-    def _record(self, request: Request, body: bytes, status: int) -> None:
+    def _record(
+        self, request: Request, body: bytes, status: int, arrived: float
+    ) -> None:
         if request.url.path.startswith("/_fake/"):
             return
         recorded = RecordedRequest(
+            arrived=arrived,
             method=request.method,
             path=request.url.path,
             query=dict(request.query_params),
@@ -278,7 +314,8 @@ class FakeAC:
             return "The event name is longer than 32 characters."
         if _visit_email(form.get("visit", "")) is None:
             return "The visit must be a JSON object with an email."
-        return None
+        with self._lock:
+            return self._refused.get(event)
 
     async def _v1_api(self, request: Request) -> Response:
         params = dict(request.query_params)

@@ -11,10 +11,18 @@ from collections.abc import Callable
 from urllib.parse import urlencode
 
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from mapper.models import Contact, Event, Visitor
+from mapper.models import Contact, Event, Source, Visitor, utcnow
 from mapper.settings import Settings, load_settings
+from mapper.store import (
+    ContactFacts,
+    HoldLimit,
+    add_event,
+    identify_visitor,
+    record_contact,
+    touch_visitor,
+)
 from tests.fake_ac import FakeAC
 
 SECRET_KEY = "test-signing-key-0123456789abcdef"
@@ -106,3 +114,38 @@ def wait_until(condition: Callable[[], object], *, seconds: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"Not true within {seconds} seconds.")
         time.sleep(0.05)
+
+
+def add_visitors_with_events(
+    sessions: sessionmaker[Session], *, visitors: int, each: int, prefix: str = "v"
+) -> None:
+    """Store `visitors` identified visitors, each of its own contact, with
+    `each` pending events named <prefix><visitor>_<n>, in one transaction.
+
+    The emails are made up: <prefix><visitor>@example.com.
+    """
+    now = utcnow()
+    hold = HoldLimit(each, now)
+    with sessions.begin() as session:
+        for number in range(visitors):
+            facts = ContactFacts(
+                ac_contact_id=f"{prefix}{number}",
+                email=f"{prefix}{number}@example.com",
+                as_of=now,
+                source=Source.WEBHOOK,
+            )
+            record_contact(session, facts)
+            contact = session.scalars(
+                select(Contact).where(Contact.ac_contact_id == facts.ac_contact_id)
+            ).one()
+            visitor = touch_visitor(session, None)
+            identify_visitor(session, visitor, contact, how=Source.HASH, held_since=now)
+            for event in range(each):
+                add_event(
+                    session,
+                    visitor,
+                    name=f"{prefix}{number}_{event}",
+                    data=None,
+                    client_id=None,
+                    hold=hold,
+                )

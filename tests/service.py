@@ -27,13 +27,25 @@ def free_port() -> int:
 
 
 class MapperProcess:
-    """`mapper db upgrade`, then `mapper serve` on a free loopback port."""
+    """`mapper db upgrade`, then `mapper serve` on a free loopback port, or
+    another `mapper` command given as `command`.
 
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+    Processes sharing a folder need a `name` each, which names their log.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        env: dict[str, str],
+        *,
+        command: tuple[str, ...] = ("serve",),
+        name: str = "mapper",
+    ) -> None:
         self.folder = folder
+        self.command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = folder / "mapper.log"
+        self.log_path = folder / f"{name}.log"
         # Only coverage's own variables pass through, so that the process
         # sees no setting of the test run's.
         passed = {k: v for k, v in os.environ.items() if k.startswith("COVERAGE")}
@@ -66,7 +78,7 @@ class MapperProcess:
         # The child keeps its own handle on the log; ours closes at once.
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "mapper", "serve"],
+                [sys.executable, "-m", "mapper", *self.command],
                 cwd=self.folder,
                 env=self.env,
                 stdout=log,
@@ -83,7 +95,12 @@ class MapperProcess:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise RuntimeError(f"mapper serve exited: {self.log()}")
+                raise RuntimeError(f"mapper {self.command[0]} exited: {self.log()}")
+            if self.command[0] != "serve":
+                if "is starting" in self.log():
+                    return
+                time.sleep(0.05)
+                continue
             try:
                 httpx.get(f"{self.url}/healthz", timeout=1)
                 return
@@ -91,15 +108,25 @@ class MapperProcess:
                 time.sleep(0.1)
         raise RuntimeError("mapper serve did not start in 20 seconds")
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 15 seconds; return the exit status."""
         if self._process is None:
-            return
+            return None
         self._process.terminate()
         try:
-            self._process.wait(timeout=15)
+            status = self._process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.wait()
+            status = self._process.wait()
+        self._process = None
+        return status
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to finish anything."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
         self._process = None
 
     def log(self) -> str:

@@ -6,6 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import pytest
+from alembic import command
+from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
@@ -13,10 +15,11 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from mapper.app import create_app
-from mapper.db import make_engine
+from mapper.db import make_alembic_config, make_engine
 from mapper.errors import SafeErrors, SettingsError, describe_exception
 from mapper.settings import Settings
-from tests.helpers import EMAIL, make_settings
+from tests.fake_ac import FakeAC
+from tests.helpers import EMAIL, HASH, make_settings
 
 BEACON = {"Content-Type": "text/plain"}
 
@@ -34,6 +37,73 @@ def test_snippet_leaves_cookie_alone(client: TestClient) -> None:
 
 def test_healthz_answers_ok(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_ready(client: TestClient) -> None:
+    response = client.get("/readyz")
+
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+def test_readyz_old_schema_not_ready(
+    client: TestClient, database_url: str, engine: Engine
+) -> None:
+    command.downgrade(make_alembic_config(database_url), "0001")
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert "mapper db upgrade" in response.json()["reason"]
+
+
+def test_readyz_unreachable_database(settings: Settings) -> None:
+    unreachable = make_engine("postgresql://u:planted-password@127.0.0.1:9/none")
+    app = create_app(settings, engine=unreachable, deliver=False)
+
+    with TestClient(app) as client:
+        response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert "planted-password" not in response.text
+
+
+def test_metrics_prometheus_text(client: TestClient, fake_ac: FakeAC) -> None:
+    fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
+    client.get("/go", params={"h": HASH, "to": "https://shop.example/"})
+    client.post("/track", content=b'{"event": "viewed_pricing"}', headers=BEACON)
+    client.post("/track", content=b'{"event": "viewed_pricing"}', headers=BEACON)
+
+    response = client.get("/metrics")
+
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    assert "mapper_events_accepted_total 2.0" in response.text
+    assert 'mapper_outbox_events{status="pending"} 2.0' in response.text
+    assert 'mapper_outbox_events{status="dead"} 0.0' in response.text
+    for planted in (EMAIL, HASH, "viewed_pricing", fake_ac.event_key):
+        assert planted not in response.text
+
+
+def test_metrics_repeat_not_accepted(client: TestClient) -> None:
+    body = b'{"event": "once", "id": "client-1"}'
+    client.post("/track", content=body, headers=BEACON)
+    client.post("/track", content=body, headers=BEACON)
+
+    assert "mapper_events_accepted_total 1.0" in client.get("/metrics").text
+
+
+def test_metrics_without_database(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable = make_engine("sqlite:////nonexistent/dir/mapper.db")
+    app = create_app(settings, engine=unreachable, deliver=False)
+
+    with TestClient(app) as client:
+        response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert "mapper_events_accepted_total 0.0" in response.text
+    assert "mapper_outbox_events" not in response.text
+    assert "could not be counted" in caplog.text
 
 
 def test_unknown_path_json_404(client: TestClient) -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-from mapper.clients import parse_retry_after, read_track_answer, read_view_answer
+from mapper.clients import (
+    RateLimiter,
+    parse_retry_after,
+    read_track_answer,
+    read_view_answer,
+)
 from mapper.errors import ACUnavailable
 
 HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
@@ -55,6 +62,25 @@ def _response(status: int, body: object = None, **headers: str) -> httpx.Respons
             _response(200, {"success": 0, "message": "No"}), "refused", id="zero"
         ),
         pytest.param(_response(400, {}), "refused", id="documented-400"),
+        pytest.param(
+            _response(
+                200, {"success": 0, "message": "An account ID must be provided."}
+            ),
+            "misconfigured",
+            id="missing-actid",
+        ),
+        pytest.param(
+            _response(200, {"success": 0, "message": "Event tracking is disabled"}),
+            "misconfigured",
+            id="tracking-off",
+        ),
+        pytest.param(_response(403, {}), "misconfigured", id="forbidden"),
+        pytest.param(_response(404, {"message": "x"}), "misconfigured", id="wrong-url"),
+        pytest.param(
+            _response(200, {"success": 0, "message": "Monkeys"}),
+            "refused",
+            id="key-inside-a-word",
+        ),
         pytest.param(_response(201, {"success": 1}), "refused", id="not-200"),
         pytest.param(_response(200), "retry", id="html"),
         pytest.param(_response(502), "retry", id="bad-gateway"),
@@ -154,3 +180,26 @@ def test_view_refused_key_unavailable() -> None:
 
     with pytest.raises(ACUnavailable):
         read_view_answer(answer, HASH)
+
+
+def test_rate_limiter_spaces_calls() -> None:
+    limiter = RateLimiter(20)
+
+    async def five_calls() -> list[float]:
+        moments = []
+        for _ in range(5):
+            await limiter.wait()
+            moments.append(time.monotonic())
+        return moments
+
+    moments = asyncio.run(five_calls())
+
+    gaps = [b - a for a, b in zip(moments, moments[1:], strict=False)]
+    assert min(gaps) >= 0.045
+
+
+def test_rate_limiter_first_call_waits_not() -> None:
+    # One call per 100 s: a first call that waited would time out.
+    limiter = RateLimiter(0.01)
+
+    asyncio.run(asyncio.wait_for(limiter.wait(), timeout=10))

@@ -10,12 +10,19 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import Engine, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.db import make_engine, make_sessionmaker
-from mapper.delivery import DeliveryWorker, claim_due, compute_backoff, record_result
+from mapper.delivery import (
+    DeliveryWorker,
+    claim_due,
+    compute_backoff,
+    expire_held,
+    record_result,
+)
+from mapper.metrics import Metrics
 from mapper.models import Event, utcnow
 from mapper.settings import Settings
 from tests.fake_ac import FakeAC
@@ -25,6 +32,7 @@ from tests.helpers import (
     HASH,
     JSON_FROM_SITE,
     WEBHOOK_URL,
+    add_visitors_with_events,
     contact_webhook,
     events,
     make_settings,
@@ -41,14 +49,22 @@ def _identified_events(client: TestClient, fake_ac: FakeAC, *names: str) -> None
     fake_ac.reset()
 
 
+def _worker(
+    settings: Settings, sessions: sessionmaker[Session] | Engine, client: ACClient
+) -> DeliveryWorker:
+    if isinstance(sessions, Engine):
+        sessions = make_sessionmaker(sessions)
+    return DeliveryWorker(
+        settings, sessions=sessions, client=client, metrics=Metrics(sessions)
+    )
+
+
 def _deliver(settings: Settings, engine: Engine) -> int:
     """Run one delivery round; return how many events it attempted."""
 
     async def round_trip() -> int:
         client = ACClient(settings)
-        worker = DeliveryWorker(
-            settings, sessions=make_sessionmaker(engine), client=client
-        )
+        worker = _worker(settings, engine, client)
         try:
             return await worker.deliver_round()
         finally:
@@ -146,12 +162,13 @@ def test_delivery_retries_later(
     _identified_events(client, fake_ac, "one", "two")
     fake_ac.set_mode(mode, retry_after=120)
 
-    _deliver(settings, engine)
+    worker = _run_rounds(settings, engine)
 
     first, second = events(engine)
     assert (first.status, first.attempts, second.attempts) == ("pending", 1, 0)
-    assert first.next_attempt_at > utcnow() and first.lease_until is None
+    assert first.refusals == 0 and first.lease_until is None
     assert second.lease_until is None
+    assert worker.paused_until is not None and worker.paused_until > utcnow()
 
 
 def test_delivery_honours_retry_after(
@@ -217,10 +234,11 @@ def test_worker_without_credentials_logs_once(
 
     async def run() -> None:
         client = ACClient(settings)
-        worker = DeliveryWorker(
-            settings, sessions=make_sessionmaker(engine), client=client
-        )
-        await asyncio.wait_for(worker.run(asyncio.Event()), timeout=5)
+        stop = asyncio.Event()
+        task = asyncio.create_task(_worker(settings, engine, client).run(stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await task
         await client.aclose()
 
     with caplog.at_level(logging.WARNING):
@@ -238,11 +256,7 @@ def test_worker_runs_until_stopped(
     async def run() -> None:
         stop = asyncio.Event()
         ac = ACClient(settings)
-        task = asyncio.create_task(
-            DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac).run(
-                stop
-            )
-        )
+        task = asyncio.create_task(_worker(settings, engine, ac).run(stop))
         for _ in range(100):
             if fake_ac.events():
                 break
@@ -257,7 +271,10 @@ def test_worker_runs_until_stopped(
 
 
 def test_backoff_grows_and_caps() -> None:
-    delays = [compute_backoff(attempt).total_seconds() for attempt in (1, 2, 5, 40)]
+    delays = [
+        compute_backoff(attempt, maximum=3600).total_seconds()
+        for attempt in (1, 2, 5, 40)
+    ]
 
     assert 1.6 <= delays[0] <= 2.4
     assert delays[0] < delays[1] < delays[2]
@@ -267,7 +284,7 @@ def test_backoff_grows_and_caps() -> None:
 def _run_rounds(settings: Settings, engine: Engine, rounds: int = 1) -> DeliveryWorker:
     async def run() -> DeliveryWorker:
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        worker = _worker(settings, engine, ac)
         for _ in range(rounds):
             await worker.deliver_round()
         await ac.aclose()
@@ -318,7 +335,7 @@ def test_round_sends_nothing_when_stopping(
         stop = asyncio.Event()
         stop.set()
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        worker = _worker(settings, engine, ac)
         await worker.run(stop)
         attempted = await worker.deliver_round()
         await ac.aclose()
@@ -330,7 +347,7 @@ def test_round_sends_nothing_when_stopping(
 
 
 def test_record_result_lost_lease(
-    client: TestClient, engine: Engine, fake_ac: FakeAC
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "contested")
     sessions = make_sessionmaker(engine)
@@ -340,14 +357,14 @@ def test_record_result_lost_lease(
     [fresh] = claim_due(sessions, limit=10, lease=60)
 
     late = DeliveryResult(Outcome.REFUSED, "late answer")
-    record_result(sessions, claim=stale, result=late)
+    record_result(sessions, claim=stale, result=late, settings=settings)
 
     [event] = events(engine)
     assert (event.status, event.lease_token) == ("pending", fresh.lease_token)
 
 
 def test_record_result_event_gone(
-    client: TestClient, engine: Engine, fake_ac: FakeAC
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "erased")
     sessions = make_sessionmaker(engine)
@@ -355,9 +372,8 @@ def test_record_result_event_gone(
     with Session(engine) as session, session.begin():
         session.query(Event).delete()
 
-    record_result(
-        sessions, claim=claim, result=DeliveryResult(Outcome.DELIVERED, "Spawned")
-    )
+    delivered = DeliveryResult(Outcome.DELIVERED, "Spawned")
+    record_result(sessions, claim=claim, result=delivered, settings=settings)
 
     assert events(engine) == []
 
@@ -372,7 +388,7 @@ def test_worker_survives_failed_round(
     async def run() -> None:
         stop = asyncio.Event()
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, sessions=unreachable, client=ac)
+        worker = _worker(settings, unreachable, ac)
         task = asyncio.create_task(worker.run(stop))
         for _ in range(100):
             if "Delivery round failed" in caplog.text:
@@ -398,7 +414,7 @@ def test_worker_loop_waits_out_pause(
     async def run_briefly() -> None:
         stop = asyncio.Event()
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        worker = _worker(settings, engine, ac)
         task = asyncio.create_task(worker.run(stop))
         await asyncio.sleep(0.5)
         stop.set()
@@ -426,11 +442,9 @@ def test_send_bounded_by_timeout(
     )
 
 
-def test_claim_due_concurrent_disjoint(
-    client: TestClient, engine: Engine, fake_ac: FakeAC
-) -> None:
-    _identified_events(client, fake_ac, *[f"event_{n}" for n in range(40)])
+def test_claim_due_concurrent_disjoint(engine: Engine) -> None:
     sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=40, each=1)
     barrier = threading.Barrier(4)
     claimed: list[list[int]] = []
 
@@ -461,7 +475,7 @@ def test_outage_warned_once_per_run(
 
     async def two_failures() -> None:
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        worker = _worker(settings, engine, ac)
         await worker.deliver_round()
         with Session(engine) as session, session.begin():
             session.execute(update(Event).values(next_attempt_at=utcnow()))
@@ -488,12 +502,14 @@ def test_recovery_logged_once(
 
     async def fail_then_recover() -> None:
         ac = ACClient(settings)
-        worker = DeliveryWorker(settings, sessions=make_sessionmaker(engine), client=ac)
+        worker = _worker(settings, engine, ac)
         await worker.deliver_round()
         fake_ac.set_mode("up")
         with Session(engine) as session, session.begin():
             session.execute(update(Event).values(next_attempt_at=utcnow()))
         worker.paused_until = None
+        # The second event waits for the first: one per visitor each round.
+        await worker.deliver_round()
         await worker.deliver_round()
         await ac.aclose()
 
@@ -513,5 +529,234 @@ def test_retry_after_zero_still_backs_off(
     worker = _run_rounds(settings, engine, rounds=5)
 
     assert len(fake_ac.requests) == 1
-    assert worker.paused_until is not None and worker.paused_until > utcnow()
-    assert events(engine)[0].next_attempt_at > utcnow() + timedelta(seconds=1)
+    assert worker.paused_until is not None
+    assert worker.paused_until > utcnow() + timedelta(seconds=1)
+
+
+def _due_now(engine: Engine) -> None:
+    """Let every pending event be tried at once, backoff or not."""
+    with Session(engine) as session, session.begin():
+        session.execute(update(Event).values(next_attempt_at=utcnow()))
+
+
+def test_refused_event_dead_after_bounded_tries(
+    database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    settings = make_settings(database_url, fake_ac, MAPPER_DELIVERY_MAX_REFUSALS="3")
+    sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=1, each=2)
+    fake_ac.refuse_event("v0_0", "Contact v0@example.com may not be tracked.")
+
+    for _ in range(3):
+        _deliver(settings, engine)
+        _due_now(engine)
+    _deliver(settings, engine)
+
+    dead, after = events(engine)
+    assert (dead.status, dead.dead_reason, dead.refusals) == ("dead", "refused", 3)
+    assert dead.last_error == "Contact v0@example.com may not be tracked."
+    assert after.status == "delivered"
+    assert [event["event"] for event in fake_ac.events()] == ["v0_1"]
+
+
+def test_refusal_backs_off_event_not_worker(
+    settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=2, each=1)
+    fake_ac.refuse_event("v0_0", "No.")
+
+    worker = _run_rounds(settings, engine)
+
+    refused, other = events(engine)
+    assert refused.status == "pending" and refused.next_attempt_at > utcnow()
+    assert other.status == "delivered"
+    assert worker.paused_until is None
+
+
+def test_wrong_key_stops_delivery_once(
+    database_url: str,
+    engine: Engine,
+    fake_ac: FakeAC,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    wrong_key = make_settings(database_url, fake_ac, MAPPER_AC_EVENT_KEY="wrong-key")
+    add_visitors_with_events(make_sessionmaker(engine), visitors=5, each=1)
+
+    async def refused_then_probed() -> DeliveryWorker:
+        ac = ACClient(wrong_key)
+        worker = _worker(wrong_key, engine, ac)
+        await worker.deliver_round()
+        paused = worker.paused_until
+        worker.paused_until = None
+        await worker.deliver_round()
+        worker.paused_until = paused
+        await ac.aclose()
+        return worker
+
+    with caplog.at_level(logging.WARNING):
+        worker = asyncio.run(refused_then_probed())
+
+    stored = events(engine)
+    assert all(event.status == "pending" for event in stored)
+    assert all(event.refusals == 0 for event in stored)
+    # The rate limit spaces the round's sends, so the first refusal stops
+    # the rest before they start; the probe is one more.
+    assert sum(event.attempts for event in stored) == 2
+    assert caplog.text.count("refused the event tracking settings") == 1
+    assert wrong_key.ac_event_key and str(wrong_key.ac_event_key) not in caplog.text
+    assert worker.paused_until is not None
+    assert worker.paused_until > utcnow() + timedelta(minutes=59)
+
+
+def test_fixed_settings_resume_logged(
+    settings: Settings,
+    engine: Engine,
+    fake_ac: FakeAC,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    add_visitors_with_events(make_sessionmaker(engine), visitors=2, each=1)
+    configured_key = fake_ac.event_key
+
+    async def refused_then_fixed() -> None:
+        ac = ACClient(settings)
+        worker = _worker(settings, engine, ac)
+        fake_ac.event_key = "a-key-mapper-does-not-have"
+        await worker.deliver_round()
+        fake_ac.event_key = configured_key
+        worker.paused_until = None
+        await worker.deliver_round()
+        await worker.deliver_round()
+        await ac.aclose()
+
+    with caplog.at_level(logging.INFO, logger="mapper"):
+        asyncio.run(refused_then_fixed())
+
+    assert [event.status for event in events(engine)] == ["delivered", "delivered"]
+    assert caplog.text.count("delivery resumes") == 1
+
+
+def test_visitor_order_kept_across_retries(
+    settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    add_visitors_with_events(make_sessionmaker(engine), visitors=3, each=4)
+    fake_ac.refuse_event("v1_1", "Not now.")
+    for _ in range(2):
+        _due_now(engine)
+        _deliver(settings, engine)
+
+    fake_ac.refuse_event("v1_1", None)
+    for _ in range(4):
+        _due_now(engine)
+        _deliver(settings, engine)
+
+    sent = [event["event"] for event in fake_ac.events()]
+    assert len(sent) == 12
+    for visitor in range(3):
+        mine = [name for name in sent if name.startswith(f"v{visitor}_")]
+        assert mine == [f"v{visitor}_{n}" for n in range(4)]
+
+
+def test_round_sends_for_visitors_concurrently(
+    database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    fake_ac.set_mode("slow", delay=0.3)
+    settings = make_settings(
+        database_url,
+        fake_ac,
+        MAPPER_DELIVERY_CONCURRENCY="5",
+        MAPPER_AC_RATE_LIMIT="1000",
+    )
+    add_visitors_with_events(make_sessionmaker(engine), visitors=5, each=1)
+
+    attempted = _deliver(settings, engine)
+
+    assert attempted == 5
+    assert all(event.status == "delivered" for event in events(engine))
+    assert fake_ac.most_in_flight == 5
+
+
+def test_expired_held_events_dropped(
+    client: TestClient, settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    for name in ("old", "new"):
+        client.post("/track", content=f'{{"event": "{name}"}}', headers=JSON_FROM_SITE)
+    week_ago = utcnow() - timedelta(days=7, seconds=1)
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(Event).where(Event.name == "old").values(received_at=week_ago)
+        )
+
+    dropped = expire_held(make_sessionmaker(engine), ttl=settings.held_event_ttl)
+
+    assert dropped == 1
+    assert [event.name for event in events(engine)] == ["new"]
+
+
+def test_worker_counts_in_metrics(
+    settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=3, each=1)
+    fake_ac.refuse_event("v1_0", "No.")
+    metrics = Metrics(sessions)
+
+    async def one_round() -> None:
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, sessions=sessions, client=ac, metrics=metrics)
+        await worker.deliver_round()
+        await ac.aclose()
+
+    asyncio.run(one_round())
+
+    text = metrics.render().decode()
+
+    assert "mapper_events_delivered_total 2.0" in text
+    assert 'mapper_event_retries_total{outcome="refused"} 1.0' in text
+    assert "mapper_delivery_latency_seconds_count 2.0" in text
+    assert 'mapper_outbox_events{status="pending"} 1.0' in text
+
+
+def test_client_sends_nothing_during_pause(settings: Settings, fake_ac: FakeAC) -> None:
+    fake_ac.set_mode("rate_limit", retry_after=60)
+
+    async def two_sends() -> list[DeliveryResult]:
+        ac = ACClient(settings)
+        results = [
+            await ac.send_event(email=EMAIL, name="limited", data=None)
+            for _ in range(2)
+        ]
+        await ac.aclose()
+        return results
+
+    limited, paused = asyncio.run(two_sends())
+
+    assert len(fake_ac.requests) == 1
+    assert paused.outcome is Outcome.RETRY
+    assert paused.retry_at == limited.retry_at
+
+
+def test_lost_lease_outcome_not_counted(
+    settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=1, each=1)
+    fake_ac.set_mode("slow", delay=0.5)
+    metrics = Metrics(sessions)
+
+    async def round_losing_lease() -> None:
+        ac = ACClient(settings)
+        worker = DeliveryWorker(settings, sessions=sessions, client=ac, metrics=metrics)
+        sending = asyncio.create_task(worker.deliver_round())
+        while not fake_ac.in_flight:
+            await asyncio.sleep(0.01)
+        # As if the lease had run out and another worker had taken it.
+        with Session(engine) as session, session.begin():
+            session.execute(update(Event).values(lease_token="taken-by-another"))
+        await sending
+        await ac.aclose()
+
+    asyncio.run(round_losing_lease())
+
+    assert "mapper_events_delivered_total 0.0" in metrics.render().decode()
+    assert events(engine)[0].status == "pending"

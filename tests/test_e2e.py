@@ -41,6 +41,8 @@ def _mapper_env(fake: FakeAC) -> dict[str, str]:
         "MAPPER_ALLOWED_HOSTS": SITE,
         "MAPPER_ALLOWED_ORIGINS": ORIGIN,
         "MAPPER_DELIVERY_BATCH_SIZE": "100",
+        # The fake AC has no rate limit; the cap's own tests are elsewhere.
+        "MAPPER_AC_RATE_LIMIT": "10000",
     }
 
 

@@ -220,6 +220,16 @@ def test_mode_rate_limit_answers_429(fake: FakeAC) -> None:
     assert response.headers["ratelimit-remaining"] == "0"
 
 
+def test_mode_unavailable_answers_503(fake: FakeAC) -> None:
+    fake.set_mode("unavailable")
+
+    response = send_event(fake)
+
+    assert response.status_code == 503
+    assert "retry-after" not in response.headers
+    assert fake.events() == []
+
+
 def test_mode_html_answers_maintenance(fake: FakeAC) -> None:
     fake.set_mode("html")
 

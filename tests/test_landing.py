@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -134,7 +135,6 @@ def test_go_webhook_contact_gains_hash(
         pytest.param("down", id="down"),
         pytest.param("html", id="html"),
         pytest.param("error", id="error"),
-        pytest.param("rate_limit", id="rate-limit"),
     ],
 )
 def test_go_ac_failure_asks_again(
@@ -148,6 +148,37 @@ def test_go_ac_failure_asks_again(
     client.get("/go", params=LINK)
 
     assert response.status_code == 302
+    assert visitors(engine)[0].contact_id is not None
+
+
+@pytest.mark.parametrize("mode", ["rate_limit", "unavailable"])
+def test_go_rate_limit_pauses_lookups(
+    client: TestClient, engine: Engine, fake_ac: FakeAC, mode: str
+) -> None:
+    fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
+    fake_ac.set_mode(mode, retry_after=60)
+
+    client.get("/go", params=LINK)
+    fake_ac.set_mode("up")
+    during_pause = client.get("/go", params=LINK)
+
+    assert during_pause.status_code == 302
+    assert fake_ac.lookups() == 1
+    assert visitors(engine)[0].contact_id is None
+
+
+def test_go_asks_again_after_retry_after(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
+    fake_ac.set_mode("rate_limit", retry_after=1)
+
+    client.get("/go", params=LINK)
+    fake_ac.set_mode("up")
+    time.sleep(1.1)
+    client.get("/go", params=LINK)
+
+    assert fake_ac.lookups() == 2
     assert visitors(engine)[0].contact_id is not None
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx2
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
+from mapper.models import Event, utcnow
+from tests.conftest import ClientFactory
 from tests.fake_ac import FakeAC
 from tests.helpers import EMAIL, HASH, ORIGIN, PAGE, events, visitors
 
@@ -65,6 +69,50 @@ def test_track_held_until_identified(
     released = events(engine)
     assert [event.status for event in released] == ["pending", "pending"]
     assert {event.contact_id for event in released} == {visitors(engine)[0].contact_id}
+
+
+def test_track_held_capped_per_visitor(
+    client_with: ClientFactory, engine: Engine
+) -> None:
+    client = client_with(MAPPER_HELD_EVENTS_PER_VISITOR="2")
+    _track(client, {"event": "first"})
+    _track(client, {"event": "second"})
+
+    response = _track(client, {"event": "third"})
+
+    assert response.status_code == 429
+    assert "at most 2 events" in response.json()["error"]
+    assert [event.name for event in events(engine)] == ["first", "second"]
+
+
+def test_track_cap_only_for_anonymous(
+    client_with: ClientFactory, engine: Engine, fake_ac: FakeAC
+) -> None:
+    client = client_with(MAPPER_HELD_EVENTS_PER_VISITOR="1")
+    _identify(client, fake_ac)
+
+    answers = [_track(client, {"event": f"e{n}"}).status_code for n in range(3)]
+
+    assert answers == [202, 202, 202]
+
+
+def test_track_expired_held_not_released(
+    client: TestClient, engine: Engine, fake_ac: FakeAC
+) -> None:
+    _track(client, {"event": "stale"})
+    _track(client, {"event": "fresh"})
+    week_ago = utcnow() - timedelta(days=7, seconds=1)
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(Event).where(Event.name == "stale").values(received_at=week_ago)
+        )
+
+    _identify(client, fake_ac)
+
+    assert [(e.name, e.status) for e in events(engine)] == [
+        ("stale", "held"),
+        ("fresh", "pending"),
+    ]
 
 
 def test_track_text_plain_accepted(client: TestClient, engine: Engine) -> None:
