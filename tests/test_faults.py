@@ -21,8 +21,9 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from mapper.db import make_sessionmaker
+from mapper.db import make_engine, make_sessionmaker, upgrade
 from mapper.models import Event, EventStatus, utcnow
+from tests.conftest import postgres_url, reset_postgres
 from tests.fake_ac import FakeAC
 from tests.helpers import ac_env as fake_ac_env
 from tests.helpers import add_visitors_with_events, events, wait_until
@@ -278,39 +279,45 @@ def _workers(
         stack.enter_context(MapperProcess(folder, env, name=f"s{number}"))
 
 
-@pytest.mark.parametrize(
-    ("backend", "workers", "visitors"),
-    [
-        pytest.param("postgresql", 3, 100, id="postgresql-3-workers-10000"),
-        pytest.param("sqlite", 1, 20, id="sqlite-2-workers-2000"),
-    ],
-)
-def test_many_workers_none_twice(
-    tmp_path: Path,
-    database_url: str,
-    engine: Engine,
-    fake_ac: FakeAC,
-    backend: str,
-    workers: int,
-    visitors: int,
+def _deliver_backlog(
+    folder: Path, url: str, fake: FakeAC, *, workers: int, serves: int, visitors: int
 ) -> None:
-    if not database_url.startswith(backend):
-        pytest.skip(f"This case is for {backend}.")
+    """Queue 100 events for each of `visitors`, run the processes until all
+    are delivered, and check the fake AC took each once, in order."""
+    engine = make_engine(url)
     add_visitors_with_events(make_sessionmaker(engine), visitors=visitors, each=100)
     total = visitors * 100
-    env = _env(fake_ac, database_url, MAPPER_DELIVERY_BATCH_SIZE="100")
+    env = _env(fake, url, MAPPER_DELIVERY_BATCH_SIZE="100")
 
     with ExitStack() as stack:
-        _workers(stack, tmp_path, env, workers=workers, serves=2 if workers > 1 else 1)
+        _workers(stack, folder, env, workers=workers, serves=serves)
         wait_until(lambda: _count(engine, EventStatus.DELIVERED) == total, seconds=240)
+    engine.dispose()
 
-    sent = _sent(fake_ac)
+    sent = _sent(fake)
     assert len(sent) == total
     assert max(sent.values()) == 1
-    names = [event["event"] for event in fake_ac.events()]
+    names = [event["event"] for event in fake.events()]
     for visitor in range(visitors):
         mine = [name for name in names if name.startswith(f"v{visitor}_")]
         assert mine == [f"v{visitor}_{n}" for n in range(100)]
+
+
+def test_three_workers_two_serves_on_postgresql(
+    tmp_path: Path, fake_ac: FakeAC
+) -> None:
+    url = postgres_url()
+    reset_postgres(url)
+    upgrade(url)
+
+    _deliver_backlog(tmp_path, url, fake_ac, workers=3, serves=2, visitors=100)
+
+
+def test_second_process_on_sqlite_is_safe(tmp_path: Path, fake_ac: FakeAC) -> None:
+    url = f"sqlite:///{tmp_path / 'mapper.db'}"
+    upgrade(url)
+
+    _deliver_backlog(tmp_path, url, fake_ac, workers=1, serves=1, visitors=20)
 
 
 def test_held_events_capped_then_delivered_in_order(
