@@ -33,6 +33,7 @@ from mapper.errors import describe_exception
 from mapper.metrics import Metrics
 from mapper.models import Contact, DeadReason, Event, EventStatus, utcnow
 from mapper.settings import LEASE_MARGIN, Settings
+from mapper.store import held_since
 
 logger = logging.getLogger(__name__)
 
@@ -156,25 +157,26 @@ def record_result(
             event.status = EventStatus.DELIVERED
             event.delivered_at = now
             event.last_error = None
-        else:
+        elif result.outcome is Outcome.REFUSED:
             event.last_error = result.message
-            event.next_attempt_at = _next_attempt(event, result, settings)
+            _count_refusal(event, settings)
+        else:
+            # AC being down, limiting or misconfigured is no fault of the
+            # event: the worker's pause spaces the retries, and the event
+            # keeps its place in its visitor's order.
+            event.last_error = result.message
+            event.next_attempt_at = result.retry_at or now
         return Recorded(EventStatus(event.status), event.received_at)
 
 
-def _next_attempt(event: Event, result: DeliveryResult, settings: Settings) -> datetime:
-    if result.outcome is not Outcome.REFUSED:
-        # AC being down, limiting or misconfigured is no fault of the event:
-        # the worker's pause spaces the retries, and the event keeps its
-        # place in its visitor's order.
-        return result.retry_at or utcnow()
-
+def _count_refusal(event: Event, settings: Settings) -> None:
+    """Back the event off, or give up on it once AC refused it often enough."""
     event.refusals += 1
     if event.refusals >= settings.delivery_max_refusals:
         event.status = EventStatus.DEAD
         event.dead_reason = DeadReason.REFUSED
     backoff = compute_backoff(event.refusals, maximum=settings.delivery_backoff_max)
-    return utcnow() + backoff
+    event.next_attempt_at = utcnow() + backoff
 
 
 def release(sessions: sessionmaker[Session], claims: list[Claim]) -> None:
@@ -194,12 +196,10 @@ def release(sessions: sessionmaker[Session], claims: list[Claim]) -> None:
 
 def expire_held(sessions: sessionmaker[Session], *, ttl: int) -> int:
     """Delete held events older than `ttl` seconds; return how many."""
-    cutoff = utcnow() - timedelta(seconds=ttl)
+    expired = Event.received_at < held_since(ttl)
     with sessions.begin() as session:
         result = session.execute(
-            delete(Event).where(
-                Event.status == EventStatus.HELD, Event.received_at < cutoff
-            )
+            delete(Event).where(Event.status == EventStatus.HELD, expired)
         )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -208,9 +208,9 @@ class DeliveryWorker:
     """Delivers the outbox to AC until told to stop.
 
     Up to `delivery_concurrency` sends are in flight at once, each for a
-    different visitor. A failure that is AC's (down, limiting)
-    pauses the whole worker with growing backoff; a refusal of the
-    account settings stops it, trying one event again now and then.
+    different visitor. A failure that is AC's (down, limiting) pauses the
+    whole worker with growing backoff; a refusal of the account settings
+    stops it, trying one event again now and then.
     """
 
     def __init__(
