@@ -44,6 +44,9 @@ DATABASE_ONLY = "Reads MAPPER_DATABASE_URL (default: sqlite:///mapper.db)."
 # At INFO httpx logs every request URL, and hash lookups carry the API key
 # in theirs.
 QUIET_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING}
+# Alembic describes its connection at INFO each time the schema is checked,
+# which /readyz does on every probe; `mapper db upgrade` turns it back on.
+MIGRATION_LOGGER = "alembic.runtime.migration"
 
 
 def configure_logging() -> None:
@@ -53,6 +56,7 @@ def configure_logging() -> None:
     )
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger(MIGRATION_LOGGER).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -116,6 +120,7 @@ def db() -> None:
 @db.command("upgrade", epilog=DATABASE_ONLY)
 def upgrade_schema() -> None:
     """Apply all pending migrations to the database."""
+    logging.getLogger(MIGRATION_LOGGER).setLevel(logging.INFO)
     with report_errors():
         upgrade(load_settings().database_url)
     logger.info("The database schema is current.")
@@ -144,7 +149,8 @@ def worker(metrics_port: int | None) -> None:
         check_schema(engine)
 
     logger.info("mapper worker is starting.")
-    asyncio.run(run_alone(settings, engine, metrics_port=metrics_port))
+    with report_errors():
+        asyncio.run(run_alone(settings, engine, metrics_port=metrics_port))
 
 
 @main.group(invoke_without_command=True, epilog=DATABASE_ONLY)
@@ -200,18 +206,27 @@ def list_command(status: str, limit: int) -> None:
     "--id", "ids", type=click.IntRange(1), multiple=True, help="This event; repeatable."
 )
 def replay(replay_all: bool, reason: str | None, ids: tuple[int, ...]) -> None:
-    """Queue dead events for delivery again, with their tries counted anew."""
+    """Queue dead events for delivery again.
+
+    Each gets its full number of tries again. A replayed event goes after
+    the later events of its visitor that were delivered meanwhile.
+    """
     chosen = [replay_all, reason is not None, bool(ids)]
     if sum(chosen) != 1:
         raise click.UsageError("Give exactly one of --all, --reason or --id.")
 
     queued = replay_dead(_sessions(), reason=reason, ids=ids)
-    click.echo(f"Queued {queued} dead events for delivery again.")
-    if ids and queued < len(set(ids)):
+    click.echo(f"Queued {_events(queued, 'dead')} for delivery again.")
+    others = len(set(ids)) - queued
+    if ids and others:
         click.echo(
-            f"{len(set(ids)) - queued} of the ids given are not dead events "
-            "and were left as they are."
+            f"{others} of the ids given {'is' if others == 1 else 'are'} not "
+            "of a dead event, and nothing was done with them."
         )
+
+
+def _events(count: int, kind: str) -> str:
+    return f"{count} {kind} event{'' if count == 1 else 's'}"
 
 
 def _sessions() -> sessionmaker[Session]:

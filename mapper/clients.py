@@ -34,11 +34,15 @@ MAX_RETRY_AFTER = 3600
 LOOKUP_PAUSE = 5.0
 # AC answers at its limit with 429, and has been seen answering 503.
 RATE_LIMITED = {429, 503}
-# AC's only observed refusal text names the account ID; refusals naming the
-# account, the key or tracking being off are taken as the settings being
-# wrong, which no retry of this or any other event can fix.
-ACCOUNT_PROBLEM = re.compile(r"account|actid|\bkey\b|not enabled|disabled", re.I)
+# AC's only observed refusal text names the account ID; refusals naming it,
+# the key or event tracking being off are taken as the settings being wrong,
+# which no retry of this or any other event can fix.
+ACCOUNT_PROBLEM = re.compile(
+    r"account id|actid|\bkey\b|tracking is (?:disabled|not enabled|off)", re.I
+)
 ACCOUNT_STATUSES = {401, 403, 404}
+# How much later than urgent callers background sends wake for a turn.
+BACKGROUND_LAG = 0.005
 
 
 @dataclass(frozen=True)
@@ -69,22 +73,26 @@ class DeliveryResult:
 
 
 class RateLimiter:
-    """Spaces calls at most `rate` per second apart, within one event loop.
+    """Keeps calls at least 1/`rate` seconds apart, within one event loop.
 
-    Each caller books the next free slot before it sleeps, so that callers
-    waiting together leave one by one rather than all at once.
+    Nobody books a moment ahead: waiters wake when the next call may go,
+    and the first to run takes it. Urgent callers (a lookup that a
+    redirect waits on) wake a little before background sends, so that a
+    backlog of events cannot hold up a person clicking a link.
     """
 
     def __init__(self, rate: float) -> None:
         self._interval = 1.0 / rate
-        self._next_slot = 0.0
+        self._next_free = 0.0
 
-    async def wait(self) -> None:
-        now = time.monotonic()
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self._interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+    async def wait(self, *, urgent: bool = False) -> None:
+        lag = 0.0 if urgent else BACKGROUND_LAG
+        while True:
+            now = time.monotonic()
+            if now >= self._next_free:
+                self._next_free = now + self._interval
+                return
+            await asyncio.sleep(self._next_free - now + lag)
 
 
 class ACClient:
@@ -107,7 +115,7 @@ class ACClient:
         self._events_paused_until: datetime | None = None
 
     async def take_turn(self) -> None:
-        """Wait until a call fits within the rate limit."""
+        """Wait until an event post fits within the rate limit."""
         await self._limiter.wait()
 
     async def aclose(self) -> None:
@@ -133,9 +141,9 @@ class ACClient:
             "api_output": "json",
             "hash": ac_hash,
         }
-        await self.take_turn()
         try:
             async with asyncio.timeout(settings.ac_timeout):
+                await self._limiter.wait(urgent=True)
                 response = await self._http.get(
                     f"{settings.ac_api_url}/admin/api.php", params=params
                 )
@@ -228,6 +236,9 @@ def read_track_answer(response: httpx.Response) -> DeliveryResult:
     if status == 429 or status >= 500:
         retry_at = parse_retry_after(response.headers.get("Retry-After"))
         return DeliveryResult(Outcome.RETRY, f"AC answered HTTP {status}.", retry_at)
+    if status in ACCOUNT_STATUSES:
+        # Whatever the body: a wrong track URL answers with a web page.
+        return DeliveryResult(Outcome.MISCONFIGURED, f"AC answered HTTP {status}.")
 
     try:
         body = response.json()
@@ -246,7 +257,7 @@ def read_track_answer(response: httpx.Response) -> DeliveryResult:
         return DeliveryResult(Outcome.DELIVERED, message)
 
     message = message or f"AC answered HTTP {status}."
-    if status in ACCOUNT_STATUSES or ACCOUNT_PROBLEM.search(message):
+    if ACCOUNT_PROBLEM.search(message):
         return DeliveryResult(Outcome.MISCONFIGURED, message)
     return DeliveryResult(Outcome.REFUSED, message)
 

@@ -19,7 +19,7 @@ import random
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from prometheus_client import start_http_server
@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.db import make_sessionmaker
-from mapper.errors import describe_exception
+from mapper.errors import SettingsError, describe_exception
 from mapper.metrics import Metrics
 from mapper.models import Contact, DeadReason, Event, EventStatus, utcnow
 from mapper.settings import LEASE_MARGIN, Settings
@@ -49,8 +49,8 @@ class Claim:
     event_id: int
     name: str
     data: str | None
-    email: str
-    lease_token: str
+    email: str = field(repr=False)
+    lease_token: str = field(repr=False)
     lease_until: datetime
 
 
@@ -161,11 +161,15 @@ def record_result(
             event.last_error = result.message
             _count_refusal(event, settings)
         else:
-            # AC being down, limiting or misconfigured is no fault of the
-            # event: the worker's pause spaces the retries, and the event
-            # keeps its place in its visitor's order.
+            # AC down, limiting or refusing the settings may be no fault of
+            # the event, so it is never made dead for it; but it backs off
+            # on its own too, so that an event that keeps failing while
+            # others go through costs little, and a probe of the settings
+            # takes a different event each time.
             event.last_error = result.message
-            event.next_attempt_at = result.retry_at or now
+            event.next_attempt_at = retry_time(
+                result, attempts=event.attempts, maximum=settings.delivery_backoff_max
+            )
         return Recorded(EventStatus(event.status), event.received_at)
 
 
@@ -317,9 +321,18 @@ class DeliveryWorker:
             if not self._may_send(claim):
                 return
             await self._client.take_turn()
-            if self._may_send(claim):
-                started.add(claim.event_id)
+            if not self._may_send(claim):
+                return
+            started.add(claim.event_id)
+            try:
                 await self._deliver(claim)
+            except Exception as exc:
+                # Other sends are in flight: failing the round would lose
+                # their answers and send them again. This one is left to
+                # its lease.
+                logger.warning(
+                    "Storing a delivery outcome failed (%s).", describe_exception(exc)
+                )
 
     def _may_send(self, claim: Claim) -> bool:
         # A send must end, and its outcome be stored, while the lease holds,
@@ -393,6 +406,15 @@ class DeliveryWorker:
             self._misconfigured = True
             return
 
+        if self._is_paused():
+            # Sends in flight together fail together: that is one failure
+            # of AC, not one step of backoff each. Only a later
+            # Retry-After still counts.
+            assert self.paused_until is not None
+            if result.retry_at is not None:
+                self.paused_until = max(self.paused_until, result.retry_at)
+            return
+
         # AC is down or rate limiting: pause, for longer after each failure
         # in a row, rather than push the rest of the outbox at it.
         self._failures += 1
@@ -411,18 +433,25 @@ async def run_alone(
     With `metrics_port`, its metrics are served on that port of MAPPER_HOST.
     """
     sessions = make_sessionmaker(engine)
-    client = ACClient(settings)
     metrics = Metrics(sessions)
+    server = None
+    if metrics_port is not None:
+        try:
+            server, _ = start_http_server(
+                metrics_port, addr=settings.host, registry=metrics.registry
+            )
+        except OSError as exc:
+            engine.dispose()
+            raise SettingsError(
+                f"--metrics-port {metrics_port} cannot be listened on ({exc.strerror})."
+            ) from None
+        logger.info("Serving /metrics on %s:%d.", settings.host, metrics_port)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-
-    server = None
-    if metrics_port is not None:
-        server, _ = start_http_server(
-            metrics_port, addr=settings.host, registry=metrics.registry
-        )
+    client = ACClient(settings)
     worker = DeliveryWorker(settings, sessions=sessions, client=client, metrics=metrics)
     try:
         await worker.run(stop)

@@ -1,8 +1,8 @@
 """What operators do with the outbox: count it, list it, replay dead events.
 
 Nothing here reads an email or an event's data; a listing shows AC's
-message with anything shaped like an address blanked out, since AC's
-wording is not documented and could quote the contact.
+message with anything shaped like an address, a hash or a key blanked
+out, since AC's wording is not documented and could quote them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from mapper.models import Event, EventStatus, utcnow
 
 ADDRESS = re.compile(r"\S+@\S+")
+# A run of hex as long as a contact hash or an event key.
+HEX_TOKEN = re.compile(r"\b[0-9a-fA-F]{32,}\b")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ def _line(event: Event) -> EventLine:
     error = event.last_error
     if error is not None:
         error = ADDRESS.sub("<address>", error)
+        error = HEX_TOKEN.sub("<hex>", error)
+        # One event per line, its fields split by tabs.
+        error = " ".join(error.split())
     return EventLine(
         id=event.id,
         status=event.status,

@@ -46,6 +46,7 @@ MAX_SECONDS = 86400.0
 LEASE_MARGIN = 5.0
 # AC's documented budget: 5 requests per second per account.
 AC_RATE_LIMIT = 5.0
+# More sends in flight than this from one process is a typo, not a plan.
 MAX_CONCURRENCY = 1000
 # An anonymous visitor's events wait a week to be identified, then go.
 HELD_EVENT_TTL = 7 * 24 * 3600
@@ -218,7 +219,7 @@ class _Reader:
             number = -1.0
         if not 0 < number <= MAX_SECONDS:
             raise SettingsError(
-                f"{key} must be a number of {unit} above 0 and at most {MAX_SECONDS}."
+                f"{key} must be a number of {unit} above 0 and at most {MAX_SECONDS:g}."
             )
         return number
 

@@ -278,20 +278,22 @@ def add_event(
     name: str,
     data: str | None,
     client_id: str | None,
-    hold: HoldLimit,
+    hold: HoldLimit | None,
 ) -> Intake:
     """Put an event in the outbox, unless it repeats one already there.
 
     A repeat is a second event from the same visitor with the same client
     id, as a browser sends when it retries; it is dropped without error.
     An anonymous visitor's events are held, up to `hold.most` received
-    since `hold.since`; the visitor row is locked, so racing requests
-    cannot both take the last place.
+    since `hold.since` (no limit without `hold`); the visitor row is
+    locked, so racing requests cannot both take the last place.
     """
     now = utcnow()
     identified = visitor.contact_id is not None
-    if not identified and _held_count(session, visitor, hold.since) >= hold.most:
-        return Intake.HELD_FULL
+    if not identified and hold is not None and _is_full(session, visitor, hold):
+        # A browser retrying an event it already sent still hears it went.
+        repeated = client_id is not None and _has_client_id(session, visitor, client_id)
+        return Intake.REPEATED if repeated else Intake.HELD_FULL
 
     insert = _insert(session, Event).values(
         visitor_id=visitor.id,
@@ -304,16 +306,23 @@ def add_event(
         received_at=now,
         next_attempt_at=now,
     )
-    # RETURNING tells a stored row from a skipped one on both databases;
-    # rowcount did not on PostgreSQL.
+    # RETURNING names the stored row, and none for a skipped one, the same
+    # way on both databases.
     stored = session.scalar(insert.on_conflict_do_nothing().returning(Event.id))
     return Intake.REPEATED if stored is None else Intake.STORED
 
 
-def _held_count(session: Session, visitor: Visitor, since: datetime) -> int:
+def _is_full(session: Session, visitor: Visitor, hold: HoldLimit) -> bool:
     query = select(func.count()).where(
         Event.visitor_id == visitor.id,
         Event.status == EventStatus.HELD,
-        Event.received_at >= since,
+        Event.received_at >= hold.since,
     )
-    return session.scalar(query) or 0
+    return (session.scalar(query) or 0) >= hold.most
+
+
+def _has_client_id(session: Session, visitor: Visitor, client_id: str) -> bool:
+    query = select(Event.id).where(
+        Event.visitor_id == visitor.id, Event.client_id == client_id
+    )
+    return session.execute(query).first() is not None

@@ -235,8 +235,8 @@ def accept_event(
     visitor_id, intake = run_transaction(state.sessions, store)
     if intake is Intake.HELD_FULL:
         raise BadRequest(
-            f"Expected at most {hold.most} events from a visitor not yet "
-            "identified; this one is kept no further until it is.",
+            f"Expected at most {hold.most} held events from a visitor not yet "
+            f"identified; it holds {hold.most}.",
             status=429,
         )
     if intake is Intake.STORED:

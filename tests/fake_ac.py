@@ -247,7 +247,8 @@ class FakeAC:
 
     async def _apply_mode(self, request: Request, handler: Handler) -> Response:
         mode = self._mode
-        if mode.name == "slow":
+        # Any mode may answer late: "slow" is "up" with a delay.
+        if mode.delay:
             await asyncio.sleep(mode.delay)
 
         if mode.name == "rate_limit":

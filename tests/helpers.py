@@ -17,7 +17,6 @@ from mapper.models import Contact, Event, Source, Visitor, utcnow
 from mapper.settings import Settings, load_settings
 from mapper.store import (
     ContactFacts,
-    HoldLimit,
     add_event,
     identify_visitor,
     record_contact,
@@ -125,7 +124,6 @@ def add_visitors_with_events(
     The emails are made up: <prefix><visitor>@example.com.
     """
     now = utcnow()
-    hold = HoldLimit(each, now)
     with sessions.begin() as session:
         for number in range(visitors):
             facts = ContactFacts(
@@ -147,5 +145,5 @@ def add_visitors_with_events(
                     name=f"{prefix}{number}_{event}",
                     data=None,
                     client_id=None,
-                    hold=hold,
+                    hold=None,
                 )

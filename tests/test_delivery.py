@@ -9,7 +9,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
@@ -141,7 +141,7 @@ def test_delivery_keeps_held_events(
     assert events(engine)[0].status == "held"
 
 
-def test_delivery_refusal_kept_for_retry(
+def test_wrong_key_kept_for_later(
     client: TestClient, database_url: str, engine: Engine, fake_ac: FakeAC
 ) -> None:
     _identified_events(client, fake_ac, "refused", "waiting")
@@ -150,7 +150,7 @@ def test_delivery_refusal_kept_for_retry(
     _deliver(wrong_key, engine)
 
     refused, waiting = events(engine)
-    assert (refused.status, refused.attempts) == ("pending", 1)
+    assert (refused.status, refused.attempts, refused.refusals) == ("pending", 1, 0)
     assert refused.last_error and "key" in refused.last_error.lower()
     assert (waiting.attempts, waiting.next_attempt_at <= utcnow()) == (0, True)
 
@@ -167,6 +167,7 @@ def test_delivery_retries_later(
     first, second = events(engine)
     assert (first.status, first.attempts, second.attempts) == ("pending", 1, 0)
     assert first.refusals == 0 and first.lease_until is None
+    assert first.next_attempt_at > utcnow()
     assert second.lease_until is None
     assert worker.paused_until is not None and worker.paused_until > utcnow()
 
@@ -190,8 +191,7 @@ def test_delivery_after_outage_delivers(
     fake_ac.set_mode("error")
     _deliver(settings, engine)
     fake_ac.set_mode("up")
-    with Session(engine) as session, session.begin():
-        session.execute(update(Event).values(next_attempt_at=utcnow()))
+    _due_now(engine)
 
     _deliver(settings, engine)
 
@@ -580,7 +580,12 @@ def test_wrong_key_stops_delivery_once(
     fake_ac: FakeAC,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    wrong_key = make_settings(database_url, fake_ac, MAPPER_AC_EVENT_KEY="wrong-key")
+    wrong_key = make_settings(
+        database_url,
+        fake_ac,
+        MAPPER_AC_EVENT_KEY="wrong-key",
+        MAPPER_DELIVERY_CONCURRENCY="1",
+    )
     add_visitors_with_events(make_sessionmaker(engine), visitors=5, each=1)
 
     async def refused_then_probed() -> DeliveryWorker:
@@ -600,9 +605,8 @@ def test_wrong_key_stops_delivery_once(
     stored = events(engine)
     assert all(event.status == "pending" for event in stored)
     assert all(event.refusals == 0 for event in stored)
-    # The rate limit spaces the round's sends, so the first refusal stops
-    # the rest before they start; the probe is one more.
-    assert sum(event.attempts for event in stored) == 2
+    # The first refusal stops the round; the probe takes another event.
+    assert [event.attempts for event in stored] == [1, 1, 0, 0, 0]
     assert caplog.text.count("refused the event tracking settings") == 1
     assert wrong_key.ac_event_key and str(wrong_key.ac_event_key) not in caplog.text
     assert worker.paused_until is not None
@@ -625,6 +629,7 @@ def test_fixed_settings_resume_logged(
         await worker.deliver_round()
         fake_ac.event_key = configured_key
         worker.paused_until = None
+        _due_now(engine)
         await worker.deliver_round()
         await worker.deliver_round()
         await ac.aclose()
@@ -760,3 +765,71 @@ def test_lost_lease_outcome_not_counted(
 
     assert "mapper_events_delivered_total 0.0" in metrics.render().decode()
     assert events(engine)[0].status == "pending"
+
+
+def test_failures_together_back_off_one_step(
+    database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    fake_ac.set_mode("slow", delay=2)
+    impatient = make_settings(
+        database_url,
+        fake_ac,
+        MAPPER_AC_TIMEOUT="0.3",
+        MAPPER_DELIVERY_CONCURRENCY="5",
+        MAPPER_AC_RATE_LIMIT="1000",
+    )
+    add_visitors_with_events(make_sessionmaker(engine), visitors=5, each=1)
+
+    worker = _run_rounds(impatient, engine)
+
+    assert sum(event.attempts for event in events(engine)) == 5
+    # One failure: the first step of backoff, 2 s and its 20 % jitter.
+    assert worker.paused_until is not None
+    assert worker.paused_until < utcnow() + timedelta(seconds=2.4)
+
+
+def test_failed_store_leaves_other_sends_alone(
+    settings: Settings, engine: Engine, fake_ac: FakeAC
+) -> None:
+    sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=1, each=1)
+    fake_ac.set_mode("slow", delay=0.5)
+
+    async def round_with_table_gone() -> int:
+        ac = ACClient(settings)
+        sending = asyncio.create_task(_worker(settings, sessions, ac).deliver_round())
+        while not fake_ac.in_flight:
+            await asyncio.sleep(0.01)
+        with Session(engine) as session, session.begin():
+            session.execute(text("ALTER TABLE events RENAME TO events_away"))
+        try:
+            return await sending
+        finally:
+            with Session(engine) as session, session.begin():
+                session.execute(text("ALTER TABLE events_away RENAME TO events"))
+            await ac.aclose()
+
+    assert asyncio.run(round_with_table_gone()) == 1
+    [event] = events(engine)
+    # Sent, but not recorded: the lease is left to run out.
+    assert (event.status, event.lease_token is not None) == ("pending", True)
+    assert len(fake_ac.events()) == 1
+
+
+def test_failures_together_keep_longest_retry_after(
+    database_url: str, engine: Engine, fake_ac: FakeAC
+) -> None:
+    fake_ac.set_mode("rate_limit", delay=0.3, retry_after=60)
+    settings = make_settings(
+        database_url,
+        fake_ac,
+        MAPPER_DELIVERY_CONCURRENCY="2",
+        MAPPER_AC_RATE_LIMIT="1000",
+    )
+    add_visitors_with_events(make_sessionmaker(engine), visitors=2, each=1)
+
+    worker = _run_rounds(settings, engine)
+
+    assert fake_ac.most_in_flight == 2
+    assert worker.paused_until is not None
+    assert worker.paused_until > utcnow() + timedelta(seconds=55)

@@ -29,7 +29,10 @@ def _kill(engine: Engine, *names: str) -> None:
                 status=EventStatus.DEAD,
                 dead_reason=DeadReason.REFUSED,
                 refusals=3,
-                last_error="AC would not take v1@example.com.",
+                last_error=(
+                    "AC would not take v1@example.com\tof hash\n"
+                    "0cc175b9c0f1b6a831c399e269772661."
+                ),
             )
         )
 
@@ -56,8 +59,9 @@ def test_events_list_hides_addresses(operator: MapperProcess, engine: Engine) ->
 
     [line] = result.stdout.splitlines()
     assert line.split("\t")[1:3] == ["dead", "v1_0"]
-    assert "refused" in line and "<address>" in line
+    assert line.endswith("AC would not take <address> of hash <hex>.")
     assert "@example.com" not in result.stdout
+    assert "0cc175b9" not in result.stdout
 
 
 def test_events_list_other_status(operator: MapperProcess, engine: Engine) -> None:
@@ -106,8 +110,8 @@ def test_replay_by_id_names_others(operator: MapperProcess, engine: Engine) -> N
         "events", "replay", "--id", str(dead.id), "--id", str(alive.id)
     )
 
-    assert "Queued 1 dead events" in result.stdout
-    assert "1 of the ids given are not dead events" in result.stdout
+    assert "Queued 1 dead event for" in result.stdout
+    assert "1 of the ids given is not of a dead event" in result.stdout
     assert [event.status for event in events(engine)] == ["pending", "pending"]
 
 
@@ -127,7 +131,7 @@ def test_replay_needs_one_selector(
     assert "exactly one of --all, --reason or --id" in result.stderr
 
 
-def test_events_refuses_old_schema(tmp_path: Path) -> None:
+def test_events_refuses_missing_database(tmp_path: Path) -> None:
     result = MapperProcess(tmp_path, {}).run_cli("events")
 
     assert result.returncode == 1

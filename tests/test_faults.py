@@ -9,6 +9,7 @@ the fake AC: events sent, events sent twice, events missing.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from tests.conftest import postgres_url, reset_postgres
 from tests.fake_ac import FakeAC
 from tests.helpers import ac_env as fake_ac_env
 from tests.helpers import add_visitors_with_events, events, wait_until
-from tests.service import MapperProcess
+from tests.service import MapperProcess, free_port
 
 EMAIL = "planted.faults@example.com"
 HASH = "0cc175b9c0f1b6a831c399e269772661"
@@ -200,11 +201,12 @@ def test_refused_event_dead_then_replayed(
 
     assert (dead.name, dead.dead_reason, dead.refusals) == ("v1_0", "refused", 2)
     assert dead.last_error == "This event is not wanted."
-    assert "refused" in counted and "Queued 1 dead events" in replayed.stdout
+    assert "refused" in counted and "Queued 1 dead event for" in replayed.stdout
     assert _sent(fake_ac) == Counter({f"v{v}_{n}": 1 for v in range(3) for n in (0, 1)})
-    # The visitor's second event waited for its first to be settled.
-    assert fake_ac.events()[-1]["event"] == "v1_0"
-    assert [e["event"] for e in fake_ac.events()].index("v1_1") > 0
+    # The visitor's second event waited until its first was dead.
+    sends = [r.form["event"] for r in fake_ac.requests if r.path == "/event"]
+    refusals_of_first = [n for n, name in enumerate(sends) if name == "v1_0"][:2]
+    assert sends.index("v1_1") > refusals_of_first[-1]
 
 
 def test_sigkill_resends_only_in_flight(
@@ -242,14 +244,15 @@ def test_sigkill_resends_only_in_flight(
     assert len(in_flight_at_kill) <= 10
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
 def test_sigterm_drains_in_flight(
-    tmp_path: Path, database_url: str, engine: Engine, fake_ac: FakeAC
+    tmp_path: Path, database_url: str, engine: Engine, fake_ac: FakeAC, command: str
 ) -> None:
     add_visitors_with_events(make_sessionmaker(engine), visitors=10, each=5)
     fake_ac.set_mode("slow", delay=1.0)
     env = _env(fake_ac, database_url, MAPPER_DELIVERY_CONCURRENCY="5")
 
-    mapper = MapperProcess(tmp_path, env)
+    mapper = MapperProcess(tmp_path, env, command=(command,))
     mapper.start()
     wait_until(lambda: fake_ac.in_flight > 0)
     status = mapper.stop()
@@ -369,7 +372,7 @@ def test_operations_endpoints_and_worker_metrics(
     tmp_path: Path, database_url: str, engine: Engine, fake_ac: FakeAC
 ) -> None:
     add_visitors_with_events(make_sessionmaker(engine), visitors=4, each=1)
-    port = MapperProcess(tmp_path, {}).port
+    port = free_port()
     env = _env(fake_ac, database_url)
     worker = MapperProcess(
         tmp_path, env, command=("worker", "--metrics-port", str(port)), name="w"
@@ -386,14 +389,34 @@ def test_operations_endpoints_and_worker_metrics(
         ready = httpx.get(f"{web.url}/readyz").json()
         stopped = worker.stop()
         log = worker.log()
+        web_log = web.log()
 
     assert "mapper_events_delivered_total 4.0" in worker_metrics
     assert "mapper_events_delivered_total 0.0" in web_metrics
     assert 'mapper_outbox_events{status="delivered"} 4.0' in web_metrics
     assert (health, ready) == ({"status": "ok"}, {"status": "ready"})
     assert stopped == 0 and "mapper worker has stopped." in log
+    assert f"Serving /metrics on 127.0.0.1:{port}." in log
+    # Readiness probes leave no trace in the log.
+    assert "Context impl" not in web_log
     for planted in ("v0@example.com", fake_ac.event_key):
         assert planted not in worker_metrics + web_metrics + log
+
+
+def test_worker_metrics_port_taken(
+    tmp_path: Path, database_url: str, fake_ac: FakeAC
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = _env(fake_ac, database_url)
+
+        result = MapperProcess(tmp_path, env).run_cli("worker", "--metrics-port", port)
+
+    assert result.returncode == 1
+    assert f"--metrics-port {port} cannot be listened on" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_worker_needs_event_settings(tmp_path: Path, database_url: str) -> None:

@@ -81,8 +81,20 @@ def test_track_held_capped_per_visitor(
     response = _track(client, {"event": "third"})
 
     assert response.status_code == 429
-    assert "at most 2 events" in response.json()["error"]
+    assert "at most 2 held events" in response.json()["error"]
     assert [event.name for event in events(engine)] == ["first", "second"]
+
+
+def test_track_repeat_at_cap_still_accepted(
+    client_with: ClientFactory, engine: Engine
+) -> None:
+    client = client_with(MAPPER_HELD_EVENTS_PER_VISITOR="1")
+    _track(client, {"event": "first", "id": "retried"})
+
+    response = _track(client, {"event": "first", "id": "retried"})
+
+    assert response.status_code == 202
+    assert len(events(engine)) == 1
 
 
 def test_track_cap_only_for_anonymous(
