@@ -65,8 +65,11 @@ def compute_backoff(attempts: int, *, maximum: float) -> timedelta:
 
 
 def retry_time(result: DeliveryResult, *, attempts: int, maximum: float) -> datetime:
-    """When to try again after a failure: AC's Retry-After if it is later
-    than the backoff, so that "retry now" cannot make a hot loop."""
+    """When to try again after a failure, never sooner than the backoff.
+
+    AC's Retry-After counts when it is later, so that "retry now" cannot
+    make a hot loop.
+    """
     earliest = utcnow() + compute_backoff(attempts, maximum=maximum)
     if result.retry_at is None:
         return earliest

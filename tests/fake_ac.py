@@ -151,11 +151,10 @@ class FakeAC:
         self._down = mode == "down"
 
     def refuse_event(self, name: str, message: str | None) -> None:
-        """Answer events called `name` with `"success": 0` and `message`,
-        or accept them again when `message` is None.
+        """Refuse events called `name` with `message`; None accepts them again.
 
-        AC documents none of its reasons to refuse a single event; this
-        stands in for whichever it has.
+        The refusal is `"success": 0` with the message. AC documents none
+        of its reasons to refuse a single event; this stands in for them.
         """
         with self._lock:
             if message is None:

@@ -118,10 +118,11 @@ def wait_until(condition: Callable[[], object], *, seconds: float = 30) -> None:
 def add_visitors_with_events(
     sessions: sessionmaker[Session], *, visitors: int, each: int, prefix: str = "v"
 ) -> None:
-    """Store `visitors` identified visitors, each of its own contact, with
-    `each` pending events named <prefix><visitor>_<n>, in one transaction.
+    """Store identified visitors with pending events, in one transaction.
 
-    The emails are made up: <prefix><visitor>@example.com.
+    Each of the `visitors` has a contact of its own, with the made-up email
+    <prefix><visitor>@example.com, and `each` events named
+    <prefix><visitor>_<n>.
     """
     now = utcnow()
     with sessions.begin() as session:

@@ -27,10 +27,10 @@ def free_port() -> int:
 
 
 class MapperProcess:
-    """`mapper db upgrade`, then `mapper serve` on a free loopback port, or
-    another `mapper` command given as `command`.
+    """`mapper db upgrade`, then `mapper serve` or another `command`.
 
-    Processes sharing a folder need a `name` each, which names their log.
+    The service listens on a free loopback port. Processes sharing a folder
+    need a `name` each, which names their log.
     """
 
     def __init__(
