@@ -40,6 +40,7 @@ settings listed in the README, from the environment or a .env file.
 """
 
 DATABASE_ONLY = "Reads MAPPER_DATABASE_URL (default: sqlite:///mapper.db)."
+LIST_COLUMNS = ("id", "status", "event", "attempts", "received", "reason", "AC said")
 
 # At INFO httpx logs every request URL, and hash lookups carry the API key
 # in theirs.
@@ -186,11 +187,14 @@ def list_command(status: str, limit: int) -> None:
     lines = list_events(_sessions(), status=EventStatus(status), limit=limit)
     if not lines:
         click.echo(f"No {status} events.")
+        return
+
+    click.echo("\t".join(LIST_COLUMNS))
     for line in lines:
         received = line.received_at.isoformat(timespec="seconds")
         reason = line.dead_reason or "-"
         click.echo(
-            f"{line.id}\t{line.status}\t{line.name}\t{line.attempts} attempts"
+            f"{line.id}\t{line.status}\t{line.name}\t{line.attempts}"
             f"\t{received}\t{reason}\t{line.last_error or ''}"
         )
 
@@ -219,9 +223,11 @@ def replay(replay_all: bool, reason: str | None, ids: tuple[int, ...]) -> None:
     click.echo(f"Queued {_events(queued, 'dead')} for delivery again.")
     others = len(set(ids)) - queued
     if ids and others:
+        one = others == 1
         click.echo(
-            f"{others} of the ids given {'is' if others == 1 else 'are'} not "
-            "of a dead event, and nothing was done with them."
+            f"{others} of the ids given {'is' if one else 'are'} not of a dead "
+            f"event, and {'it was' if one else 'they were'} left as "
+            f"{'it was' if one else 'they were'}."
         )
 
 

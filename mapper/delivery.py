@@ -163,12 +163,16 @@ def record_result(
         elif result.outcome is Outcome.REFUSED:
             event.last_error = result.message
             _count_refusal(event, settings)
+        elif result.outcome is Outcome.MISCONFIGURED:
+            # No fault of the event: it stays first in line, for the worker
+            # to try again once its pause is over.
+            event.last_error = result.message
+            event.next_attempt_at = now
         else:
-            # AC down, limiting or refusing the settings may be no fault of
-            # the event, so it is never made dead for it; but it backs off
-            # on its own too, so that an event that keeps failing while
-            # others go through costs little, and a probe of the settings
-            # takes a different event each time.
+            # AC down or limiting is no fault of the event either, so it is
+            # never made dead for it; but it backs off on its own too, so
+            # that an event that keeps failing while others go through
+            # costs little.
             event.last_error = result.message
             event.next_attempt_at = retry_time(
                 result, attempts=event.attempts, maximum=settings.delivery_backoff_max
@@ -446,7 +450,8 @@ async def run_alone(
         except OSError as exc:
             engine.dispose()
             raise SettingsError(
-                f"--metrics-port {metrics_port} cannot be listened on ({exc.strerror})."
+                f"Cannot serve metrics on MAPPER_HOST, port {metrics_port} "
+                f"({exc.strerror})."
             ) from None
         logger.info("Serving /metrics on %s:%d.", settings.host, metrics_port)
 

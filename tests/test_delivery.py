@@ -605,8 +605,8 @@ def test_wrong_key_stops_delivery_once(
     stored = events(engine)
     assert all(event.status == "pending" for event in stored)
     assert all(event.refusals == 0 for event in stored)
-    # The first refusal stops the round; the probe takes another event.
-    assert [event.attempts for event in stored] == [1, 1, 0, 0, 0]
+    # The first refusal stops the round; the probe tries the same event.
+    assert [event.attempts for event in stored] == [2, 0, 0, 0, 0]
     assert caplog.text.count("refused the event tracking settings") == 1
     assert wrong_key.ac_event_key and str(wrong_key.ac_event_key) not in caplog.text
     assert worker.paused_until is not None

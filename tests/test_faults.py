@@ -415,7 +415,7 @@ def test_worker_metrics_port_taken(
         result = MapperProcess(tmp_path, env).run_cli("worker", "--metrics-port", port)
 
     assert result.returncode == 1
-    assert f"--metrics-port {port} cannot be listened on" in result.stderr
+    assert f"Cannot serve metrics on MAPPER_HOST, port {port}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
