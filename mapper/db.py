@@ -5,6 +5,7 @@ The engine never logs statement parameters, because they hold emails.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ def _unreachable(url: str) -> str:
     return UNREADABLE_FILE if url.startswith("sqlite") else UNREACHABLE_SERVER
 
 
+@functools.cache
+def newest_revision() -> str | None:
+    """The head of the migrations shipped with this mapper.
+
+    Read once per process: the files do not change under a running
+    process, and /readyz asks on every probe.
+    """
+    return ScriptDirectory.from_config(make_alembic_config()).get_current_head()
+
+
 def check_schema(engine: Engine) -> None:
     """Raise `SchemaError` unless the database is at the newest revision.
 
@@ -112,7 +123,7 @@ def check_schema(engine: Engine) -> None:
                 "`mapper db upgrade` with the same MAPPER_DATABASE_URL first."
             )
 
-    head = ScriptDirectory.from_config(make_alembic_config()).get_current_head()
+    head = newest_revision()
     try:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()

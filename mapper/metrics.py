@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mapper.models import Event, EventStatus
+from mapper.outbox import count_by_status
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +32,9 @@ class OutboxCollector(Collector):
         self._sessions = sessions
 
     def collect(self) -> Iterator[Metric]:
-        query = select(Event.status, func.count()).group_by(Event.status)
         try:
             with self._sessions() as session:
-                counts = {status: count for status, count in session.execute(query)}
+                counts = count_by_status(session)
         except SQLAlchemyError:
             # A scrape must still answer; the missing gauge says the rest.
             logger.warning("The outbox could not be counted for /metrics.")
@@ -47,8 +45,8 @@ class OutboxCollector(Collector):
             "Events in the outbox by status, across all processes.",
             labels=["status"],
         )
-        for status in EventStatus:
-            family.add_metric([status.value], counts.get(status.value, 0))
+        for status, count in counts.items():
+            family.add_metric([status], count)
         yield family
 
 

@@ -43,21 +43,23 @@ class EventLine:
     last_error: str | None
 
 
+def count_by_status(session: Session) -> dict[str, int]:
+    """Events per status, every status listed, those without events as 0."""
+    rows = session.execute(select(Event.status, func.count()).group_by(Event.status))
+    found = {status: count for status, count in rows}
+    return {status.value: found.get(status.value, 0) for status in EventStatus}
+
+
 def count_events(sessions: sessionmaker[Session]) -> OutboxCounts:
-    """Count every status, those without events as 0."""
+    """Count every status, and the dead events by reason."""
     with sessions() as session:
-        statuses = session.execute(
-            select(Event.status, func.count()).group_by(Event.status)
-        )
-        found = {status: count for status, count in statuses}
+        by_status = count_by_status(session)
         reasons = session.execute(
             select(Event.dead_reason, func.count())
             .where(Event.status == EventStatus.DEAD)
             .group_by(Event.dead_reason)
         )
         dead = {str(reason): count for reason, count in reasons}
-
-    by_status = {status.value: found.get(status.value, 0) for status in EventStatus}
     return OutboxCounts(by_status, dead)
 
 

@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import Engine, text, update
@@ -38,6 +40,8 @@ from tests.helpers import (
     make_settings,
 )
 
+T = TypeVar("T")
+
 
 def _identified_events(client: TestClient, fake_ac: FakeAC, *names: str) -> None:
     fake_ac.add_contact(contact_id="42", email=EMAIL, hash=HASH)
@@ -59,18 +63,30 @@ def _worker(
     )
 
 
-def _deliver(settings: Settings, engine: Engine) -> int:
-    """Run one delivery round; return how many events it attempted."""
+def _with_worker(
+    settings: Settings, engine: Engine, work: Callable[[DeliveryWorker], Awaitable[T]]
+) -> T:
+    """Run `work` with a worker on `engine`, closing its AC client after."""
 
-    async def round_trip() -> int:
+    async def run() -> T:
         client = ACClient(settings)
-        worker = _worker(settings, engine, client)
         try:
-            return await worker.deliver_round()
+            return await work(_worker(settings, engine, client))
         finally:
             await client.aclose()
 
-    return asyncio.run(round_trip())
+    return asyncio.run(run())
+
+
+def _deliver(settings: Settings, engine: Engine) -> int:
+    """Run one delivery round; return how many events it attempted."""
+    return _with_worker(settings, engine, lambda worker: worker.deliver_round())
+
+
+def _due_now(engine: Engine) -> None:
+    """Let every pending event be tried at once, backoff or not."""
+    with Session(engine) as session, session.begin():
+        session.execute(update(Event).values(next_attempt_at=utcnow()))
 
 
 def test_delivery_posts_documented_form(
@@ -282,15 +298,12 @@ def test_backoff_grows_and_caps() -> None:
 
 
 def _run_rounds(settings: Settings, engine: Engine, rounds: int = 1) -> DeliveryWorker:
-    async def run() -> DeliveryWorker:
-        ac = ACClient(settings)
-        worker = _worker(settings, engine, ac)
+    async def run(worker: DeliveryWorker) -> DeliveryWorker:
         for _ in range(rounds):
             await worker.deliver_round()
-        await ac.aclose()
         return worker
 
-    return asyncio.run(run())
+    return _with_worker(settings, engine, run)
 
 
 def test_worker_pauses_after_rate_limit(
@@ -473,18 +486,14 @@ def test_outage_warned_once_per_run(
     _identified_events(client, fake_ac, "first")
     fake_ac.set_mode("error")
 
-    async def two_failures() -> None:
-        ac = ACClient(settings)
-        worker = _worker(settings, engine, ac)
+    async def two_failures(worker: DeliveryWorker) -> None:
         await worker.deliver_round()
-        with Session(engine) as session, session.begin():
-            session.execute(update(Event).values(next_attempt_at=utcnow()))
+        _due_now(engine)
         worker.paused_until = None
         await worker.deliver_round()
-        await ac.aclose()
 
     with caplog.at_level(logging.WARNING):
-        asyncio.run(two_failures())
+        _with_worker(settings, engine, two_failures)
 
     assert len(fake_ac.requests) == 2
     assert caplog.text.count("AC is not taking events") == 1
@@ -500,21 +509,17 @@ def test_recovery_logged_once(
     _identified_events(client, fake_ac, "first", "second")
     fake_ac.set_mode("error")
 
-    async def fail_then_recover() -> None:
-        ac = ACClient(settings)
-        worker = _worker(settings, engine, ac)
+    async def fail_then_recover(worker: DeliveryWorker) -> None:
         await worker.deliver_round()
         fake_ac.set_mode("up")
-        with Session(engine) as session, session.begin():
-            session.execute(update(Event).values(next_attempt_at=utcnow()))
+        _due_now(engine)
         worker.paused_until = None
         # The second event waits for the first: one per visitor each round.
         await worker.deliver_round()
         await worker.deliver_round()
-        await ac.aclose()
 
     with caplog.at_level(logging.INFO, logger="mapper"):
-        asyncio.run(fail_then_recover())
+        _with_worker(settings, engine, fail_then_recover)
 
     assert [e.status for e in events(engine)] == ["delivered", "delivered"]
     assert caplog.text.count("delivery resumes") == 1
@@ -531,12 +536,6 @@ def test_retry_after_zero_still_backs_off(
     assert len(fake_ac.requests) == 1
     assert worker.paused_until is not None
     assert worker.paused_until > utcnow() + timedelta(seconds=1)
-
-
-def _due_now(engine: Engine) -> None:
-    """Let every pending event be tried at once, backoff or not."""
-    with Session(engine) as session, session.begin():
-        session.execute(update(Event).values(next_attempt_at=utcnow()))
 
 
 def test_refused_event_dead_after_bounded_tries(
@@ -588,19 +587,16 @@ def test_wrong_key_stops_delivery_once(
     )
     add_visitors_with_events(make_sessionmaker(engine), visitors=5, each=1)
 
-    async def refused_then_probed() -> DeliveryWorker:
-        ac = ACClient(wrong_key)
-        worker = _worker(wrong_key, engine, ac)
+    async def refused_then_probed(worker: DeliveryWorker) -> DeliveryWorker:
         await worker.deliver_round()
         paused = worker.paused_until
         worker.paused_until = None
         await worker.deliver_round()
         worker.paused_until = paused
-        await ac.aclose()
         return worker
 
     with caplog.at_level(logging.WARNING):
-        worker = asyncio.run(refused_then_probed())
+        worker = _with_worker(wrong_key, engine, refused_then_probed)
 
     stored = events(engine)
     assert all(event.status == "pending" for event in stored)
@@ -622,9 +618,7 @@ def test_fixed_settings_resume_logged(
     add_visitors_with_events(make_sessionmaker(engine), visitors=2, each=1)
     configured_key = fake_ac.event_key
 
-    async def refused_then_fixed() -> None:
-        ac = ACClient(settings)
-        worker = _worker(settings, engine, ac)
+    async def refused_then_fixed(worker: DeliveryWorker) -> None:
         fake_ac.event_key = "a-key-mapper-does-not-have"
         await worker.deliver_round()
         fake_ac.event_key = configured_key
@@ -632,10 +626,9 @@ def test_fixed_settings_resume_logged(
         _due_now(engine)
         await worker.deliver_round()
         await worker.deliver_round()
-        await ac.aclose()
 
     with caplog.at_level(logging.INFO, logger="mapper"):
-        asyncio.run(refused_then_fixed())
+        _with_worker(settings, engine, refused_then_fixed)
 
     assert [event.status for event in events(engine)] == ["delivered", "delivered"]
     assert caplog.text.count("delivery resumes") == 1
