@@ -40,7 +40,7 @@ from mapper.landing import go, landed
 from mapper.metrics import Metrics
 from mapper.settings import Settings, require_secret_keys
 from mapper.tokens import VisitorSigner
-from mapper.tracking import track
+from mapper.tracking import make_intake, track
 from mapper.web import Runtime, get_runtime
 from mapper.webhooks import activecampaign_webhook
 
@@ -128,6 +128,7 @@ def create_app(
         engine=bound,
         sessions=sessions,
         signer=VisitorSigner(settings.secret_keys, max_age=settings.cookie_max_age),
+        intake=make_intake(settings, sessions),
         ac=ACClient(settings),
         metrics=Metrics(sessions),
     )

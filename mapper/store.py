@@ -7,13 +7,13 @@ that one request is one transaction. They write emails and AC hashes to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +35,9 @@ TRANSACTION_ATTEMPTS = 3
 # PostgreSQL's serialization failure and deadlock: the transaction lost to
 # another and may simply be run again.
 RETRIED_SQLSTATES = {"40001", "40P01"}
+# The tables themselves, for statements that need none of the ORM's work.
+VISITORS = cast(Table, Visitor.__table__)
+EVENTS = cast(Table, Event.__table__)
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,7 @@ def held_since(ttl: int) -> datetime:
 
 
 class Intake(StrEnum):
-    """What `add_event` did with an event."""
+    """What `add_events` did with an event."""
 
     STORED = "stored"
     REPEATED = "repeated"  # the visitor sent this client id before
@@ -271,58 +274,172 @@ class HoldLimit:
     since: datetime
 
 
-def add_event(
-    session: Session,
-    visitor: Visitor,
-    *,
-    name: str,
-    data: str | None,
-    client_id: str | None,
-    hold: HoldLimit | None,
-) -> Intake:
-    """Put an event in the outbox, unless it repeats one already there.
+@dataclass(frozen=True)
+class NewEvent:
+    """An event as received, for the visitor whose signed id came with it
+    (None: no good cookie, so a new visitor)."""
 
-    A repeat is a second event from the same visitor with the same client
-    id, as a browser sends when it retries; it is dropped without error.
-    An anonymous visitor's events are held, up to `hold.most` received
-    since `hold.since` (no limit without `hold`); the visitor row is
-    locked, so racing requests cannot both take the last place.
+    visitor: VisitorId | None
+    name: str
+    data: str | None
+    client_id: str | None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """What became of a `NewEvent`, and the visitor it now belongs to."""
+
+    visitor: VisitorId
+    intake: Intake
+
+
+@dataclass(frozen=True)
+class _VisitorRow:
+    id: int
+    public_id: VisitorId
+    contact_id: int | None
+
+
+def add_events(
+    session: Session, events: Sequence[NewEvent], *, hold: HoldLimit | None
+) -> list[StoredEvent]:
+    """Put events in the outbox, in their order, each for its visitor.
+
+    A few statements serve any number of events, so that one transaction
+    can take the events of many requests. Each visitor is marked as seen
+    and locked, so that a landing binding it at the same time cannot leave
+    an event held for a visitor already identified, and racing requests
+    cannot both take an anonymous visitor's last place.
+
+    A repeat is an event with a client id its visitor sent before, as a
+    browser sends when it retries; it is dropped without error. An
+    anonymous visitor's events are held, up to `hold.most` received since
+    `hold.since` (no limit without `hold`).
     """
     now = utcnow()
+    visitors = _touch_visitors(session, [event.visitor for event in events], now)
+    sent = _sent_client_ids(session, visitors, events)
+    held = _held_counts(session, visitors, hold)
+
+    rows: list[dict[str, Any]] = []
+    stored: list[StoredEvent] = []
+    for event, visitor in zip(events, visitors, strict=True):
+        intake = _take(event, visitor, sent=sent, held=held, hold=hold)
+        stored.append(StoredEvent(visitor.public_id, intake))
+        if intake is Intake.STORED:
+            rows.append(_event_row(event, visitor, now))
+
+    if rows:
+        # Rows go in in this order, so a visitor's events keep theirs.
+        session.execute(insert(EVENTS), rows)
+    return stored
+
+
+def _touch_visitors(
+    session: Session, public_ids: Sequence[VisitorId | None], now: datetime
+) -> list[_VisitorRow]:
+    # One UPDATE marks, locks and reads every known visitor at once.
+    table = VISITORS
+    known = {public_id for public_id in public_ids if public_id is not None}
+    found: dict[str | None, _VisitorRow] = {}
+    if known:
+        touched = session.execute(
+            update(table)
+            .where(table.c.public_id.in_(known))
+            .values(last_seen_at=now)
+            .returning(table.c.id, table.c.public_id, table.c.contact_id)
+        )
+        found = {row.public_id: _VisitorRow(*row) for row in touched}
+
+    # A valid signature on an id we no longer hold (erased, or another
+    # database) also starts a new visitor.
+    return [
+        found.get(public_id) or _new_visitor(session, now) for public_id in public_ids
+    ]
+
+
+def _new_visitor(session: Session, now: datetime) -> _VisitorRow:
+    public_id = make_visitor_id()
+    row_id = session.scalar(
+        insert(VISITORS)
+        .values(public_id=public_id, created_at=now, last_seen_at=now)
+        .returning(VISITORS.c.id)
+    )
+    assert row_id is not None
+    return _VisitorRow(row_id, public_id, None)
+
+
+def _sent_client_ids(
+    session: Session, visitors: Sequence[_VisitorRow], events: Sequence[NewEvent]
+) -> set[tuple[int, str]]:
+    """The (visitor, client id) pairs among `events` already stored."""
+    pairs = {
+        (visitor.id, event.client_id)
+        for visitor, event in zip(visitors, events, strict=True)
+        if event.client_id is not None
+    }
+    if not pairs:
+        return set()
+    query = select(Event.visitor_id, Event.client_id).where(
+        Event.visitor_id.in_({visitor for visitor, _ in pairs}),
+        Event.client_id.in_({client_id for _, client_id in pairs}),
+    )
+    return {(row.visitor_id, row.client_id) for row in session.execute(query)} & pairs
+
+
+def _held_counts(
+    session: Session, visitors: Sequence[_VisitorRow], hold: HoldLimit | None
+) -> dict[int, int]:
+    """How many events each anonymous visitor among `visitors` holds."""
+    anonymous = {visitor.id for visitor in visitors if visitor.contact_id is None}
+    if hold is None or not anonymous:
+        return {}
+    query = (
+        select(Event.visitor_id, func.count())
+        .where(
+            Event.visitor_id.in_(anonymous),
+            Event.status == EventStatus.HELD,
+            Event.received_at >= hold.since,
+        )
+        .group_by(Event.visitor_id)
+    )
+    return {visitor_id: count for visitor_id, count in session.execute(query)}
+
+
+def _take(
+    event: NewEvent,
+    visitor: _VisitorRow,
+    *,
+    sent: set[tuple[int, str]],
+    held: dict[int, int],
+    hold: HoldLimit | None,
+) -> Intake:
+    """Decide what becomes of `event`, counting it if it is stored."""
+    client = (visitor.id, event.client_id or "")
+    if event.client_id is not None and client in sent:
+        return Intake.REPEATED
+
+    if visitor.contact_id is None and hold is not None:
+        holding = held.get(visitor.id, 0)
+        if holding >= hold.most:
+            return Intake.HELD_FULL
+        held[visitor.id] = holding + 1
+    if event.client_id is not None:
+        sent.add(client)
+    return Intake.STORED
+
+
+def _event_row(event: NewEvent, visitor: _VisitorRow, now: datetime) -> dict[str, Any]:
     identified = visitor.contact_id is not None
-    if not identified and hold is not None and _is_full(session, visitor, hold):
-        # A browser retrying an event it already sent still hears it went.
-        repeated = client_id is not None and _has_client_id(session, visitor, client_id)
-        return Intake.REPEATED if repeated else Intake.HELD_FULL
-
-    insert = _insert(session, Event).values(
-        visitor_id=visitor.id,
-        contact_id=visitor.contact_id,
-        name=name,
-        data=data,
-        client_id=client_id,
-        status=EventStatus.PENDING if identified else EventStatus.HELD,
-        attempts=0,
-        received_at=now,
-        next_attempt_at=now,
-    )
-    # RETURNING names the stored row, and none for a skipped one, the same
-    # way on both databases.
-    stored = session.scalar(insert.on_conflict_do_nothing().returning(Event.id))
-    return Intake.REPEATED if stored is None else Intake.STORED
-
-
-def _is_full(session: Session, visitor: Visitor, hold: HoldLimit) -> bool:
-    query = select(func.count()).where(
-        Event.visitor_id == visitor.id,
-        Event.status == EventStatus.HELD,
-        Event.received_at >= hold.since,
-    )
-    return (session.scalar(query) or 0) >= hold.most
-
-
-def _has_client_id(session: Session, visitor: Visitor, client_id: str) -> bool:
-    query = select(Event.id).where(
-        Event.visitor_id == visitor.id, Event.client_id == client_id
-    )
-    return session.execute(query).first() is not None
+    return {
+        "visitor_id": visitor.id,
+        "contact_id": visitor.contact_id,
+        "name": event.name,
+        "data": event.data,
+        "client_id": event.client_id,
+        "status": EventStatus.PENDING if identified else EventStatus.HELD,
+        "attempts": 0,
+        "refusals": 0,
+        "received_at": now,
+        "next_attempt_at": now,
+    }

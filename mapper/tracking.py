@@ -14,19 +14,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mapper.batching import WriteBatcher
 from mapper.errors import BadRequest
+from mapper.settings import Settings
 from mapper.store import (
     HoldLimit,
     Intake,
-    add_event,
+    NewEvent,
+    StoredEvent,
+    add_events,
     held_since,
-    run_transaction,
-    touch_visitor,
 )
 from mapper.tokens import VisitorId
 from mapper.web import (
@@ -70,8 +71,8 @@ async def track(request: Request) -> JSONResponse:
     body = await read_body(request, limit=state.settings.track_max_bytes)
     event = parse_event(body)
 
-    visitor_id = await run_in_threadpool(
-        accept_event, state, visitor=read_visitor_cookie(request), event=event
+    visitor_id = await accept_event(
+        state, visitor=read_visitor_cookie(request), event=event
     )
     response = JSONResponse({"accepted": True}, status_code=202)
     set_visitor_cookie(response, state, visitor=visitor_id)
@@ -206,39 +207,40 @@ def _client_id(value: Any) -> str | None:
     return value
 
 
-def accept_event(
+async def accept_event(
     state: Runtime, *, visitor: VisitorId | None, event: TrackedEvent
 ) -> VisitorId:
-    """Store `event` for the visitor (new if unknown); return the visitor id.
+    """Store `event` for the visitor (new if unknown); return the visitor id
+    once the event is committed.
 
     This is event intake independent of the HTTP shape: any other way of
     receiving events calls it too. Raises `BadRequest` (429) when the
     visitor is anonymous and holds as many events as it may.
     """
-    settings = state.settings
-    hold = HoldLimit(
-        settings.held_events_per_visitor, held_since(settings.held_event_ttl)
+    stored = await state.intake.submit(
+        NewEvent(visitor, event.name, event.data, event.client_id)
     )
-
-    def store(session: Session) -> tuple[VisitorId, Intake]:
-        known = touch_visitor(session, visitor)
-        intake = add_event(
-            session,
-            known,
-            name=event.name,
-            data=event.data,
-            client_id=event.client_id,
-            hold=hold,
-        )
-        return VisitorId(known.public_id), intake
-
-    visitor_id, intake = run_transaction(state.sessions, store)
-    if intake is Intake.HELD_FULL:
+    if stored.intake is Intake.HELD_FULL:
+        most = state.settings.held_events_per_visitor
         raise BadRequest(
-            f"Expected at most {hold.most} held events from a visitor not yet "
-            f"identified; it holds {hold.most}.",
+            f"Expected at most {most} held events from a visitor not yet "
+            f"identified; it holds {most}.",
             status=429,
         )
-    if intake is Intake.STORED:
+    if stored.intake is Intake.STORED:
         state.metrics.accepted.inc()
-    return visitor_id
+    return stored.visitor
+
+
+def make_intake(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> WriteBatcher[NewEvent, StoredEvent]:
+    """The writer that stores the events of concurrent requests together."""
+
+    def store(session: Session, events: list[NewEvent]) -> list[StoredEvent]:
+        hold = HoldLimit(
+            settings.held_events_per_visitor, held_since(settings.held_event_ttl)
+        )
+        return add_events(session, events, hold=hold)
+
+    return WriteBatcher(sessions, store)

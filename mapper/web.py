@@ -13,10 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mapper.batching import WriteBatcher
 from mapper.clients import ACClient
 from mapper.errors import BadRequest
 from mapper.metrics import Metrics
 from mapper.settings import Settings
+from mapper.store import NewEvent, StoredEvent
 from mapper.tokens import VisitorId, VisitorSigner
 
 UNKNOWN_HASH_TTL = 600.0
@@ -52,6 +54,7 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     signer: VisitorSigner
+    intake: WriteBatcher[NewEvent, StoredEvent]
     ac: ACClient
     metrics: Metrics
     unknown_hashes: UnknownHashes = field(default_factory=UnknownHashes)

@@ -17,11 +17,13 @@ from mapper.models import Contact, Event, Source, Visitor, utcnow
 from mapper.settings import Settings, load_settings
 from mapper.store import (
     ContactFacts,
-    add_event,
+    NewEvent,
+    add_events,
     identify_visitor,
     record_contact,
     touch_visitor,
 )
+from mapper.tokens import VisitorId
 from tests.fake_ac import FakeAC
 
 SECRET_KEY = "test-signing-key-0123456789abcdef"
@@ -139,12 +141,12 @@ def add_visitors_with_events(
             ).one()
             visitor = touch_visitor(session, None)
             identify_visitor(session, visitor, contact, how=Source.HASH, held_since=now)
-            for event in range(each):
-                add_event(
-                    session,
-                    visitor,
-                    name=f"{prefix}{number}_{event}",
-                    data=None,
-                    client_id=None,
-                    hold=None,
-                )
+            named = VisitorId(visitor.public_id)
+            add_events(
+                session,
+                [
+                    NewEvent(named, f"{prefix}{number}_{event}", None, None)
+                    for event in range(each)
+                ],
+                hold=None,
+            )
