@@ -27,6 +27,7 @@ from sqlalchemy import Engine, delete, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from mapper.batching import WriteBatcher
 from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.db import make_sessionmaker
 from mapper.errors import SettingsError, describe_exception
@@ -135,12 +136,16 @@ class Recorded:
     received_at: datetime
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One send of a claimed event, and what AC answered."""
+
+    claim: Claim
+    result: DeliveryResult
+
+
 def record_result(
-    sessions: sessionmaker[Session],
-    *,
-    claim: Claim,
-    result: DeliveryResult,
-    settings: Settings,
+    session: Session, attempt: Attempt, *, settings: Settings
 ) -> Recorded | None:
     """Store the outcome of one attempt and release the lease.
 
@@ -149,35 +154,35 @@ def record_result(
     cannot undo that worker's outcome.
     """
     now = utcnow()
-    with sessions.begin() as session:
-        event = session.get(Event, claim.event_id, with_for_update=True)
-        if event is None or event.lease_token != claim.lease_token:
-            return None
+    claim, result = attempt.claim, attempt.result
+    event = session.get(Event, claim.event_id, with_for_update=True)
+    if event is None or event.lease_token != claim.lease_token:
+        return None
 
-        event.attempts += 1
-        event.lease_until = event.lease_token = None
-        if result.outcome is Outcome.DELIVERED:
-            event.status = EventStatus.DELIVERED
-            event.delivered_at = now
-            event.last_error = None
-        elif result.outcome is Outcome.REFUSED:
-            event.last_error = result.message
-            _count_refusal(event, settings)
-        elif result.outcome is Outcome.MISCONFIGURED:
-            # No fault of the event: it stays first in line, for the worker
-            # to try again once its pause is over.
-            event.last_error = result.message
-            event.next_attempt_at = now
-        else:
-            # AC down or limiting is no fault of the event either, so it is
-            # never made dead for it; but it backs off on its own too, so
-            # that an event that keeps failing while others go through
-            # costs little.
-            event.last_error = result.message
-            event.next_attempt_at = retry_time(
-                result, attempts=event.attempts, maximum=settings.delivery_backoff_max
-            )
-        return Recorded(EventStatus(event.status), event.received_at)
+    event.attempts += 1
+    event.lease_until = event.lease_token = None
+    if result.outcome is Outcome.DELIVERED:
+        event.status = EventStatus.DELIVERED
+        event.delivered_at = now
+        event.last_error = None
+    elif result.outcome is Outcome.REFUSED:
+        event.last_error = result.message
+        _count_refusal(event, settings)
+    elif result.outcome is Outcome.MISCONFIGURED:
+        # No fault of the event: it stays first in line, for the worker
+        # to try again once its pause is over.
+        event.last_error = result.message
+        event.next_attempt_at = now
+    else:
+        # AC down or limiting is no fault of the event either, so it is
+        # never made dead for it; but it backs off on its own too, so
+        # that an event that keeps failing while others go through
+        # costs little.
+        event.last_error = result.message
+        event.next_attempt_at = retry_time(
+            result, attempts=event.attempts, maximum=settings.delivery_backoff_max
+        )
+    return Recorded(EventStatus(event.status), event.received_at)
 
 
 def _count_refusal(event: Event, settings: Settings) -> None:
@@ -236,11 +241,21 @@ class DeliveryWorker:
         self._sessions = sessions
         self._client = client
         self._metrics = metrics
+        # Sends that end together store their outcomes in one transaction.
+        self._outcomes = WriteBatcher(sessions, self._record)
         self._stop = asyncio.Event()
         self._failures = 0
         self._misconfigured = False
         self._next_sweep = 0.0
         self.paused_until: datetime | None = None
+
+    def _record(
+        self, session: Session, attempts: list[Attempt]
+    ) -> list[Recorded | None]:
+        return [
+            record_result(session, attempt, settings=self._settings)
+            for attempt in attempts
+        ]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver in rounds until `stop` is set."""
@@ -355,13 +370,7 @@ class DeliveryWorker:
         result = await self._client.send_event(
             email=claim.email, name=claim.name, data=claim.data
         )
-        recorded = await run_in_threadpool(
-            record_result,
-            self._sessions,
-            claim=claim,
-            result=result,
-            settings=self._settings,
-        )
+        recorded = await self._outcomes.submit(Attempt(claim, result))
         self._count(result, recorded)
 
         if result.outcome is Outcome.DELIVERED:

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from mapper.clients import ACClient, DeliveryResult, Outcome
 from mapper.db import make_engine, make_sessionmaker
 from mapper.delivery import (
+    Attempt,
     DeliveryWorker,
     claim_due,
     compute_backoff,
@@ -370,7 +371,8 @@ def test_record_result_lost_lease(
     [fresh] = claim_due(sessions, limit=10, lease=60)
 
     late = DeliveryResult(Outcome.REFUSED, "late answer")
-    record_result(sessions, claim=stale, result=late, settings=settings)
+    with sessions.begin() as session:
+        record_result(session, Attempt(stale, late), settings=settings)
 
     [event] = events(engine)
     assert (event.status, event.lease_token) == ("pending", fresh.lease_token)
@@ -386,7 +388,8 @@ def test_record_result_event_gone(
         session.query(Event).delete()
 
     delivered = DeliveryResult(Outcome.DELIVERED, "Spawned")
-    record_result(sessions, claim=claim, result=delivered, settings=settings)
+    with sessions.begin() as session:
+        record_result(session, Attempt(claim, delivered), settings=settings)
 
     assert events(engine) == []
 
