@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import click
 import uvicorn
@@ -48,6 +49,14 @@ QUIET_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING}
 # Alembic describes its connection at INFO each time the schema is checked,
 # which /readyz does on every probe; `mapper db upgrade` turns it back on.
 MIGRATION_LOGGER = "alembic.runtime.migration"
+# How `mapper serve` runs uvicorn; the benchmarks' bare server runs the same.
+# The access log would write query strings and webhook paths, which carry AC
+# hashes and the webhook secret.
+SERVER_OPTIONS: dict[str, Any] = {
+    "access_log": False,
+    "log_config": None,
+    "proxy_headers": False,
+}
 
 
 def configure_logging() -> None:
@@ -102,14 +111,7 @@ def serve(host: str | None, port: int | None, no_delivery: bool) -> None:
 
     logger.info("mapper is starting.")
     uvicorn.run(
-        app,
-        host=host or settings.host,
-        port=port or settings.port,
-        # The access log would write query strings and webhook paths, which
-        # carry AC hashes and the webhook secret.
-        access_log=False,
-        log_config=None,
-        proxy_headers=False,
+        app, host=host or settings.host, port=port or settings.port, **SERVER_OPTIONS
     )
 
 

@@ -129,6 +129,11 @@ class MapperProcess:
         self._process.wait()
         self._process = None
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def log(self) -> str:
         return self.log_path.read_text("utf-8", errors="replace")
 

@@ -1,0 +1,340 @@
+"""The tracking path under load: `/track` beside a bare server, memory, and
+how `/go` and `/track` keep up as the store grows.
+
+Load comes from wrk, a compiled load generator from Debian, driven by
+`requests.lua`; its numbers are read from the one JSON line the script
+prints. Servers run as separate processes, as an operator runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from benchmarks.report import Size, Table
+from benchmarks.stores import BACKENDS, fake_hash, fill, scratch, visitor_cookie
+from tests.service import MapperProcess, free_port
+
+LUA_SCRIPT = Path(__file__).with_name("requests.lua")
+CONNECTIONS = (1, 16, 64)
+# The sample of stored visitors and hashes a load draws its requests from.
+SAMPLE = 2_000
+TRACK_BODY = '{"event": "viewed_pricing", "data": {"plan": "pro"}}'
+
+
+@dataclass(frozen=True)
+class Load:
+    """What one wrk run measured."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+def run_wrk(
+    url: str, requests: Path, *, connections: int, seconds: float, pause_ms: int = 0
+) -> Load:
+    """Load `url` with the requests in the file `requests` for `seconds`."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise click.ClickException("wrk is not installed; scripts/bench installs it.")
+    command = [
+        wrk,
+        f"-t{min(connections, 2)}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout=10s",
+        f"--script={LUA_SCRIPT}",
+        url,
+        "--",
+        str(requests),
+        str(pause_ms),
+    ]
+    finished = subprocess.run(
+        command, capture_output=True, text=True, check=True, timeout=seconds + 60
+    )
+    line = next(
+        line for line in finished.stdout.splitlines() if line.startswith("RESULT ")
+    )
+    return Load(**json.loads(line.removeprefix("RESULT ")))
+
+
+def write_requests(path: Path, lines: Iterator[tuple[str, str, str, str]]) -> Path:
+    """Write requests for `requests.lua`: method, path, cookie, body."""
+    path.write_text("".join("\t".join(line) + "\n" for line in lines), "utf-8")
+    return path
+
+
+def track_requests(folder: Path, *, visitors: int) -> Path:
+    """`/track` requests from a sample of the first `visitors` visitors."""
+    step = max(visitors // SAMPLE, 1)
+    lines = (
+        ("POST", "/track", visitor_cookie(n), TRACK_BODY)
+        for n in range(0, visitors, step)
+    )
+    return write_requests(folder / "track.tsv", lines)
+
+
+def landing_requests(folder: Path, *, contacts: int) -> Path:
+    """`/go` clicks with the hashes of a sample of the first `contacts`."""
+    step = max(contacts // SAMPLE, 1)
+    lines = (
+        ("GET", f"/go?h={fake_hash(n)}&to=/landed", "", "")
+        for n in range(0, contacts, step)
+    )
+    return write_requests(folder / "go.tsv", lines)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory process `pid` has had, in MB."""
+    status = Path(f"/proc/{pid}/status").read_text("utf-8")
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("The kernel gave no VmHWM line.")
+
+
+@contextmanager
+def bare_server() -> Iterator[str]:
+    """The bare endpoint, served as its own process; yields its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bare", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def wait_for_port(port: int, *, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"Nothing listened on port {port} in {seconds} seconds.")
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    """The loads one server took, by connections, and the paced load."""
+
+    server: str
+    loads: dict[int, Load]
+    paced: Load | None = None
+    peak_rss_mb: float | None = None
+
+
+def measure_bare(folder: Path, *, seconds: float) -> IntakeResult:
+    """The bare endpoint at each number of connections."""
+    requests = write_requests(
+        folder / "bare.tsv", iter([("POST", "/track", "", TRACK_BODY)])
+    )
+    with bare_server() as url:
+        run_wrk(url, requests, connections=16, seconds=1)
+        loads = {
+            connections: run_wrk(
+                url, requests, connections=connections, seconds=seconds
+            )
+            for connections in CONNECTIONS
+        }
+    return IntakeResult("bare Starlette", loads)
+
+
+def measure_intake(backend: str, *, visitors: int, seconds: float) -> IntakeResult:
+    """`/track` of identified visitors at each number of connections, then
+    at half the most it took, paced; and the server's peak memory."""
+    with scratch(backend) as store:
+        fill(store.url, rows=visitors)
+        requests = track_requests(store.folder, visitors=visitors)
+        env = {"MAPPER_DATABASE_URL": store.url}
+        with MapperProcess(store.folder, env, command=("serve", "--no-delivery")) as (
+            mapper
+        ):
+            run_wrk(mapper.url, requests, connections=16, seconds=1)
+            loads = {
+                connections: run_wrk(
+                    mapper.url, requests, connections=connections, seconds=seconds
+                )
+                for connections in CONNECTIONS
+            }
+            busiest = loads[CONNECTIONS[-1]]
+            paced = run_wrk(
+                mapper.url,
+                requests,
+                connections=CONNECTIONS[-1],
+                seconds=seconds,
+                pause_ms=half_load_pause(busiest, CONNECTIONS[-1]),
+            )
+            peak = peak_rss_mb(mapper.pid)
+    return IntakeResult(f"mapper, {backend}", loads, paced, peak)
+
+
+def half_load_pause(busiest: Load, connections: int) -> int:
+    """The pause before each request that holds `connections` connections
+    to about half the rate of `busiest`."""
+    target = busiest.rate / 2
+    per_connection_ms = connections * 1000 / target
+    return max(round(per_connection_ms - busiest.p50_ms), 0)
+
+
+@dataclass(frozen=True)
+class GrowthResult:
+    """Latency of `/go` and `/track` at one size of the store."""
+
+    backend: str
+    rows: int
+    landing: Load
+    tracking: Load
+
+
+def measure_growth(backend: str, *, rows: int, seconds: float) -> GrowthResult:
+    """One connection's `/go` and `/track` latency with `rows` contacts and
+    visitors stored."""
+    with scratch(backend) as store:
+        fill(store.url, rows=rows)
+        landing = landing_requests(store.folder, contacts=rows)
+        tracking = track_requests(store.folder, visitors=rows)
+        env = {"MAPPER_DATABASE_URL": store.url}
+        with MapperProcess(store.folder, env, command=("serve", "--no-delivery")) as (
+            mapper
+        ):
+            run_wrk(mapper.url, tracking, connections=1, seconds=1)
+            go = run_wrk(mapper.url, landing, connections=1, seconds=seconds)
+            track = run_wrk(mapper.url, tracking, connections=1, seconds=seconds)
+    return GrowthResult(backend, rows, go, track)
+
+
+def intake(size: Size) -> list[Table]:
+    """The intake tables: throughput beside the bare server, the paced
+    half load, and peak memory."""
+    with tempfile.TemporaryDirectory(prefix="mapper-bench-") as name:
+        bare = measure_bare(Path(name), seconds=size.load_seconds)
+    results = [
+        measure_intake(backend, visitors=size.visitors, seconds=size.load_seconds)
+        for backend in BACKENDS
+    ]
+    return [
+        throughput_table(bare, results, seconds=size.load_seconds),
+        paced_table(results),
+        memory_table(results),
+    ]
+
+
+def throughput_table(
+    bare: IntakeResult, results: list[IntakeResult], *, seconds: float
+) -> Table:
+    table = Table(
+        "Intake: `POST /track` beside a bare endpoint",
+        f"wrk sends `/track` with the signed cookie of one of {SAMPLE:,} or "
+        f"fewer identified visitors, for {seconds:g} s at each number of "
+        "connections, to `mapper serve --no-delivery`; the bare endpoint is "
+        "one Starlette route that answers 202 without work, run by uvicorn "
+        "with the same options. Each event is committed before its answer.",
+        ("Server", "Connections", "Requests/s", "p50 ms", "p99 ms", "Of bare"),
+    )
+    for result in [bare, *results]:
+        for connections, load in result.loads.items():
+            share = load.rate / bare.loads[connections].rate
+            table.rows.append(
+                (
+                    result.server,
+                    str(connections),
+                    f"{load.rate:,.0f}",
+                    f"{load.p50_ms:.2f}",
+                    f"{load.p99_ms:.2f}",
+                    f"{share:.2f}",
+                )
+            )
+    return table
+
+
+def paced_table(results: list[IntakeResult]) -> Table:
+    connections = CONNECTIONS[-1]
+    table = Table(
+        "Intake at half load",
+        f"{connections} connections, each pausing between requests so that "
+        f"together they send about half of what {connections} connections "
+        "without pauses reached above.",
+        ("Server", "Requests/s", "p50 ms", "p99 ms", "Failed"),
+    )
+    for result in results:
+        assert result.paced is not None
+        paced = result.paced
+        table.rows.append(
+            (
+                result.server,
+                f"{paced.rate:,.0f}",
+                f"{paced.p50_ms:.2f}",
+                f"{paced.p99_ms:.2f}",
+                str(paced.failed),
+            )
+        )
+    return table
+
+
+def memory_table(results: list[IntakeResult]) -> Table:
+    return Table(
+        "Memory",
+        "The most resident memory (VmHWM) the `mapper serve` process had by the "
+        "end of its intake runs above.",
+        ("Server", "Peak RSS MB"),
+        [(result.server, f"{result.peak_rss_mb:.0f}") for result in results],
+    )
+
+
+def growth(size: Size) -> Table:
+    """`/go` and `/track` latency at each size of the store."""
+    table = Table(
+        "Growth",
+        f"One connection for {size.load_seconds:g} s each: `/go` clicks with "
+        f"the hash of one of {SAMPLE:,} or fewer stored contacts and no "
+        "cookie (a lookup, a new visitor bound to the contact), then `/track` "
+        "from as many stored, identified visitors. The store holds as many "
+        "contacts as visitors.",
+        (
+            "Database",
+            "Rows",
+            "/go p50 ms",
+            "/go p99 ms",
+            "/track p50 ms",
+            "/track p99 ms",
+        ),
+    )
+    for backend in BACKENDS:
+        for rows in size.growth_rows:
+            result = measure_growth(backend, rows=rows, seconds=size.load_seconds)
+            table.rows.append(
+                (
+                    backend,
+                    f"{rows:,}",
+                    f"{result.landing.p50_ms:.2f}",
+                    f"{result.landing.p99_ms:.2f}",
+                    f"{result.tracking.p50_ms:.2f}",
+                    f"{result.tracking.p99_ms:.2f}",
+                )
+            )
+    return table
