@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ ACCOUNT_PROBLEM = re.compile(
 ACCOUNT_STATUSES = {401, 403, 404}
 # How much later than urgent callers background sends wake for a turn.
 BACKGROUND_LAG = 0.005
+# httpx's connection pool looks through all of its connections for every
+# request it queues, so its cost grows with the square of its size: at 50
+# connections it spends more time on that than on the sends. Event posts
+# therefore go through several small pools, enough for
+# MAPPER_DELIVERY_CONCURRENCY sends at once.
+CONNECTIONS_PER_POOL = 8
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,10 @@ class ACClient:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._http = httpx.AsyncClient(
-            timeout=settings.ac_timeout,
-            follow_redirects=False,
-            headers={"User-Agent": "mapper"},
-        )
+        self._http = _make_http_client(settings)
+        pools = math.ceil(settings.delivery_concurrency / CONNECTIONS_PER_POOL)
+        self._event_pools = [_make_http_client(settings) for _ in range(pools)]
+        self._posting = [0] * pools
         self._limiter = RateLimiter(settings.ac_rate_limit)
         self._lookups_paused_until: datetime | None = None
         self._events_paused_until: datetime | None = None
@@ -119,7 +125,8 @@ class ACClient:
         await self._limiter.wait()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for client in [self._http, *self._event_pools]:
+            await client.aclose()
 
     async def view_hash(self, ac_hash: str) -> LookedUpContact | None:
         """Ask AC which contact has `ac_hash`; None if AC knows no such one.
@@ -183,7 +190,7 @@ class ACClient:
             # httpx's timeout applies to each phase; this bounds the whole
             # send, which must end before the event's lease does.
             async with asyncio.timeout(settings.ac_timeout):
-                response = await self._http.post(settings.ac_track_url, data=form)
+                response = await self._post_event(form)
         except (httpx.HTTPError, TimeoutError) as exc:
             return DeliveryResult(Outcome.RETRY, f"Network error: {type(exc).__name__}")
 
@@ -191,6 +198,29 @@ class ACClient:
         if response.status_code in RATE_LIMITED:
             self._events_paused_until = result.retry_at
         return result
+
+    async def _post_event(self, form: dict[str, str]) -> httpx.Response:
+        # The least busy pool, so that none grows past its share.
+        pool = min(range(len(self._event_pools)), key=self._posting.__getitem__)
+        self._posting[pool] += 1
+        try:
+            client = self._event_pools[pool]
+            return await client.post(self._settings.ac_track_url, data=form)
+        finally:
+            self._posting[pool] -= 1
+
+
+def _make_http_client(settings: Settings) -> httpx.AsyncClient:
+    connections = httpx.Limits(
+        max_connections=CONNECTIONS_PER_POOL,
+        max_keepalive_connections=CONNECTIONS_PER_POOL,
+    )
+    return httpx.AsyncClient(
+        timeout=settings.ac_timeout,
+        limits=connections,
+        follow_redirects=False,
+        headers={"User-Agent": "mapper"},
+    )
 
 
 def _still_paused(until: datetime | None) -> bool:
