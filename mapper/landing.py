@@ -58,8 +58,9 @@ async def go(request: Request) -> Response:
         request.query_params.get("to"), settings=state.settings, ac_hash=ac_hash
     )
 
+    cookie = read_visitor_cookie(request)
     visitor_id, identified = await _land(
-        state, read_visitor_cookie(request), ac_hash=ac_hash
+        state, cookie.id if cookie else None, ac_hash=ac_hash
     )
     if ac_hash is not None and not identified:
         # AC is asked outside the transaction, so no lock waits on it.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import NewType
 
 from itsdangerous import BadSignature, TimestampSigner
@@ -23,6 +25,14 @@ PREFIX = "mv1."
 # nothing anywhere else the same keys are used.
 VISITOR_SALT = "mapper.visitor-cookie"
 ID_BYTES = 24
+
+
+@dataclass(frozen=True)
+class SignedVisitor:
+    """A visitor id from a good cookie, and when that cookie was signed."""
+
+    id: VisitorId
+    signed_at: datetime
 
 
 def make_visitor_id() -> VisitorId:
@@ -51,8 +61,9 @@ class VisitorSigner:
         """Return the cookie value for `visitor_id`, stamped with now."""
         return PREFIX + self._signer.sign(visitor_id).decode("ascii")
 
-    def verify(self, cookie: str | None) -> VisitorId | None:
-        """Return the visitor id in a cookie value, or None if it is not good.
+    def read(self, cookie: str | None) -> SignedVisitor | None:
+        """Return the visitor in a cookie value and when it was signed, or
+        None if the value is not good.
 
         Tampered, foreign, expired, future-dated and garbage values all give
         None, with no hint of which check failed.
@@ -60,9 +71,14 @@ class VisitorSigner:
         if not cookie or not cookie.startswith(PREFIX) or not cookie.isascii():
             return None
         try:
-            value = self._signer.unsign(
-                cookie.removeprefix(PREFIX), max_age=self.max_age
+            value, signed_at = self._signer.unsign(
+                cookie.removeprefix(PREFIX), max_age=self.max_age, return_timestamp=True
             )
         except BadSignature:
             return None
-        return VisitorId(value.decode("ascii"))
+        return SignedVisitor(VisitorId(value.decode("ascii")), signed_at)
+
+    def verify(self, cookie: str | None) -> VisitorId | None:
+        """Return the visitor id in a cookie value, or None as `read` does."""
+        signed = self.read(cookie)
+        return None if signed is None else signed.id

@@ -33,6 +33,7 @@ from mapper.tokens import VisitorId
 from mapper.web import (
     Runtime,
     get_runtime,
+    is_cookie_fresh,
     read_body,
     read_media_type,
     read_visitor_cookie,
@@ -71,11 +72,13 @@ async def track(request: Request) -> JSONResponse:
     body = await read_body(request, limit=state.settings.track_max_bytes)
     event = parse_event(body)
 
+    cookie = read_visitor_cookie(request)
     visitor_id = await accept_event(
-        state, visitor=read_visitor_cookie(request), event=event
+        state, visitor=cookie.id if cookie else None, event=event
     )
     response = JSONResponse({"accepted": True}, status_code=202)
-    set_visitor_cookie(response, state, visitor=visitor_id)
+    if not is_cookie_fresh(cookie, state, visitor=visitor_id):
+        set_visitor_cookie(response, state, visitor=visitor_id)
     return response
 
 

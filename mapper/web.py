@@ -17,12 +17,15 @@ from mapper.batching import WriteBatcher
 from mapper.clients import ACClient
 from mapper.errors import BadRequest
 from mapper.metrics import Metrics
+from mapper.models import utcnow
 from mapper.settings import Settings
 from mapper.store import NewEvent, StoredEvent
-from mapper.tokens import VisitorId, VisitorSigner
+from mapper.tokens import SignedVisitor, VisitorId, VisitorSigner
 
 UNKNOWN_HASH_TTL = 600.0
 UNKNOWN_HASH_LIMIT = 10_000
+# Seconds after which `/track` signs a good cookie again.
+COOKIE_RENEWAL = 86400.0
 
 
 class UnknownHashes:
@@ -89,10 +92,25 @@ def read_media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def read_visitor_cookie(request: Request) -> VisitorId | None:
-    """The visitor id from a good cookie, or None for a new anonymous visitor."""
+def read_visitor_cookie(request: Request) -> SignedVisitor | None:
+    """The visitor from a good cookie, or None for a new anonymous visitor."""
     state = get_runtime(request)
-    return state.signer.verify(request.cookies.get(state.settings.cookie_name))
+    return state.signer.read(request.cookies.get(state.settings.cookie_name))
+
+
+def is_cookie_fresh(
+    cookie: SignedVisitor | None, state: Runtime, *, visitor: VisitorId
+) -> bool:
+    """Whether the browser's cookie names `visitor` and was signed so lately
+    that signing it again would change nothing that matters.
+
+    Signing costs a good part of an event's intake; a day, or a tenth of the
+    cookie's lifetime if that is less, is lost in the lifetime.
+    """
+    if cookie is None or cookie.id != visitor:
+        return False
+    renew_after = min(COOKIE_RENEWAL, state.settings.cookie_max_age / 10)
+    return (utcnow() - cookie.signed_at).total_seconds() < renew_after
 
 
 def set_visitor_cookie(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 
 import pytest
 from freezegun import freeze_time
 from itsdangerous import TimestampSigner
 from starlette.datastructures import Secret
 
-from mapper.tokens import PREFIX, VisitorSigner, make_visitor_id
+from mapper.tokens import PREFIX, VisitorId, VisitorSigner, make_visitor_id
 
 OLD = Secret("old-key-0123456789abcdef")
 NEW = Secret("new-key-0123456789abcdef")
@@ -96,3 +97,15 @@ def test_verify_checks_age(signed_at: str, valid: bool) -> None:
 def test_signer_needs_a_key() -> None:
     with pytest.raises(ValueError, match="signing key"):
         VisitorSigner([], max_age=DAY)
+
+
+def test_read_gives_signing_time() -> None:
+    signer = VisitorSigner([NEW], max_age=DAY)
+    with freeze_time("2026-01-01 11:00"):
+        cookie = signer.sign(VisitorId("some-visitor"))
+
+    with freeze_time("2026-01-01 12:00"):
+        signed = signer.read(cookie)
+
+    assert signed is not None
+    assert signed.signed_at == datetime(2026, 1, 1, 11, 0, tzinfo=UTC)

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import httpx2
 import pytest
+from freezegun import freeze_time
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
@@ -341,11 +342,25 @@ def test_track_tampered_cookie_anonymous(
     assert len(visitors(engine)) == 2
 
 
-def test_track_renews_same_visitor(client: TestClient, engine: Engine) -> None:
+def test_track_fresh_cookie_kept(client: TestClient, engine: Engine) -> None:
     first = _track(client, {"event": "one"})
     second = _track(client, {"event": "two"})
 
+    assert "Max-Age=34560000" in first.headers["set-cookie"]
+    assert "set-cookie" not in second.headers
+    assert len(visitors(engine)) == 1
+
+
+def test_track_day_old_cookie_renewed(client: TestClient, engine: Engine) -> None:
+    _track(client, {"event": "one"})
+    [visitor] = visitors(engine)
     signer = client.app.state.runtime.signer  # type: ignore[attr-defined]
-    ids = [signer.verify(r.cookies["mapper_vid"]) for r in (first, second)]
-    assert ids[0] == ids[1] == visitors(engine)[0].public_id
-    assert "Max-Age=34560000" in second.headers["set-cookie"]
+    with freeze_time(utcnow() - timedelta(days=2)):
+        old_cookie = signer.sign(visitor.public_id)
+    client.cookies.set("mapper_vid", old_cookie, domain="mapper.shop.example")
+
+    response = _track(client, {"event": "two"})
+
+    renewed = signer.read(response.cookies["mapper_vid"])
+    assert renewed.id == visitor.public_id
+    assert utcnow() - renewed.signed_at < timedelta(minutes=1)
