@@ -339,15 +339,14 @@ def _touch_visitors(
     session: Session, public_ids: Sequence[VisitorId | None], now: datetime
 ) -> list[_VisitorRow]:
     # One UPDATE marks, locks and reads every known visitor at once.
-    table = VISITORS
     known = {public_id for public_id in public_ids if public_id is not None}
     found: dict[str | None, _VisitorRow] = {}
     if known:
         touched = session.execute(
-            update(table)
-            .where(table.c.public_id.in_(known))
+            update(VISITORS)
+            .where(VISITORS.c.public_id.in_(known))
             .values(last_seen_at=now)
-            .returning(table.c.id, table.c.public_id, table.c.contact_id)
+            .returning(VISITORS.c.id, VISITORS.c.public_id, VISITORS.c.contact_id)
         )
         found = {row.public_id: _VisitorRow(*row) for row in touched}
 

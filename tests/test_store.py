@@ -12,9 +12,16 @@ from sqlalchemy.orm import Session
 from mapper.db import make_sessionmaker
 from mapper.errors import StoreConflict
 from mapper.models import Source, utcnow
-from mapper.store import ContactFacts, record_contact, run_transaction, touch_visitor
+from mapper.store import (
+    ContactFacts,
+    NewEvent,
+    add_events,
+    record_contact,
+    run_transaction,
+    touch_visitor,
+)
 from mapper.tokens import make_visitor_id
-from tests.helpers import EMAIL, HASH, contacts, visitors
+from tests.helpers import EMAIL, HASH, contacts, events, visitors
 
 
 def test_run_transaction_gives_up(engine: Engine) -> None:
@@ -110,3 +117,27 @@ def test_record_contact_older_lookup_keeps_hash(engine: Engine) -> None:
             record_contact(session, facts)
 
     assert [c.ac_hash for c in contacts(engine)] == [HASH]
+
+
+def test_add_events_keeps_order(engine: Engine) -> None:
+    sessions = make_sessionmaker(engine)
+    first = run_transaction(
+        sessions, lambda s: add_events(s, [NewEvent(None, "e0", None, None)], hold=None)
+    )
+    visitor = first[0].visitor
+    batch = [NewEvent(visitor, f"e{n}", None, None) for n in range(1, 300)]
+
+    run_transaction(sessions, lambda s: add_events(s, batch, hold=None))
+
+    assert [event.name for event in events(engine)] == [f"e{n}" for n in range(300)]
+
+
+def test_add_events_new_visitor_each(engine: Engine) -> None:
+    sessions = make_sessionmaker(engine)
+    stale = make_visitor_id()
+    batch = [NewEvent(None, "a", None, None), NewEvent(stale, "b", None, None)]
+
+    stored = run_transaction(sessions, lambda s: add_events(s, batch, hold=None))
+
+    assert len({event.visitor for event in stored} | {stale}) == 3
+    assert len(visitors(engine)) == 2
