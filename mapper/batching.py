@@ -4,8 +4,11 @@ A commit costs a disk sync, and SQLite lets one writer in at a time, so
 writers that each open their own transaction queue up on the lock and
 wait on each other's syncs. Here, items that arrive while a transaction
 runs wait for the next one, which stores them all, and each caller hears
-its result only once that transaction is committed. The items are the
-callers' own, and may hold whatever data those pass in.
+its result only once that transaction is committed.
+
+The items are the callers' own: visitor ids and event data from intake,
+and, from delivery, claims that hold contacts' emails. Nothing here logs
+or keeps them past their transaction.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -36,8 +40,7 @@ class _Waiting(Generic[Item, Result]):
 
 @dataclass(frozen=True)
 class _Outcome:
-    """An item's result, or the error its transaction raised, carried back
-    from the thread that stored it."""
+    """An item's result, or the error its transaction raised."""
 
     value: Any = None
     error: Exception | None = None
@@ -67,15 +70,16 @@ class WriteBatcher(Generic[Item, Result]):
         self._flushing: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> Result:
-        """Store `item` in the next shared transaction; return its result
-        once that transaction is committed."""
+        """Store `item` in the next shared transaction and return its result."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(item, future))
-        if self._flushing is None:
+        # A flush ended by a closed event loop leaves a finished task behind.
+        if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:
+        batch: list[_Waiting[Item, Result]] = []
         try:
             while self._waiting:
                 count = min(self._most, len(self._waiting))
@@ -86,11 +90,20 @@ class WriteBatcher(Generic[Item, Result]):
                     _settle(waiting.future, outcome)
         finally:
             self._flushing = None
+            # Only a cancelled flush gets here with callers still waiting;
+            # they are cancelled too rather than left waiting for ever.
+            for waiting in [*batch, *self._waiting]:
+                waiting.future.cancel()
+            self._waiting.clear()
 
     def _commit(self, items: list[Item]) -> list[_Outcome]:
         """Store `items` in one transaction, or each alone if that fails."""
         try:
             results = run_transaction(self._sessions, lambda s: self._run(s, items))
+        except OperationalError as exc:
+            # The database failed, not an item: each alone would fail too,
+            # after waiting as long again.
+            return [_Outcome(error=exc)] * len(items)
         except Exception as exc:
             if len(items) == 1:
                 return [_Outcome(error=exc)]
@@ -102,7 +115,9 @@ class WriteBatcher(Generic[Item, Result]):
         # Checked inside the transaction, so that a miscount is rolled back
         # rather than leaving a caller without an answer.
         if len(results) != len(items):
-            raise RuntimeError("Expected one result per item stored.")
+            raise RuntimeError(
+                f"Expected {len(items)} results, one per item; got {len(results)}."
+            )
         return results
 
 

@@ -5,19 +5,27 @@ is its caller's alone."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from mapper.batching import WriteBatcher
 from mapper.db import make_sessionmaker
 from mapper.models import Visitor
+from tests.helpers import wait_until
 
 
 class VisitorWriter:
-    """Stores one visitor per item, named by it, and refuses names starting
-    with "bad"; remembers how many items each transaction was given."""
+    """Stores one visitor per item, named by it; remembers how many items
+    each transaction was given.
+
+    It refuses names starting with "bad", fails as a database does on names
+    starting with "down", and takes its time over names starting with
+    "slow".
+    """
 
     def __init__(self) -> None:
         self.transactions: list[int] = []
@@ -28,6 +36,10 @@ class VisitorWriter:
         for name in names:
             if name.startswith("bad"):
                 raise ValueError("Refused.")
+            if name.startswith("down"):
+                raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+            if name.startswith("slow"):
+                time.sleep(0.2)
             visitor = Visitor(public_id=name)
             session.add(visitor)
             session.flush()
@@ -58,7 +70,7 @@ def test_batcher_shares_one_transaction(engine: Engine) -> None:
     assert results == sorted(result for result in results if isinstance(result, int))
 
 
-def test_batcher_failure_stays_with_its_item(engine: Engine) -> None:
+def test_batcher_failure_stays_alone(engine: Engine) -> None:
     writer = VisitorWriter()
     batcher = WriteBatcher(make_sessionmaker(engine), writer)
 
@@ -69,7 +81,7 @@ def test_batcher_failure_stays_with_its_item(engine: Engine) -> None:
     assert writer.transactions == [3, 1, 1, 1]
 
 
-def test_batcher_caps_items_per_transaction(engine: Engine) -> None:
+def test_batcher_caps_batch_size(engine: Engine) -> None:
     writer = VisitorWriter()
     batcher = WriteBatcher(make_sessionmaker(engine), writer, most=2)
 
@@ -78,19 +90,19 @@ def test_batcher_caps_items_per_transaction(engine: Engine) -> None:
     assert writer.transactions == [2, 2, 1]
 
 
-def test_batcher_miscount_is_an_error(engine: Engine) -> None:
+def test_batcher_miscount_fails(engine: Engine) -> None:
     def store_none(session: Session, names: list[str]) -> list[int]:
         session.add(Visitor(public_id=names[0]))
         return []
 
     batcher = WriteBatcher(make_sessionmaker(engine), store_none)
 
-    with pytest.raises(RuntimeError, match="one result per item"):
+    with pytest.raises(RuntimeError, match="Expected 1 results, one per item; got 0"):
         asyncio.run(batcher.submit("visitor"))
     assert stored_names(engine) == []
 
 
-def test_batcher_caller_gone_still_stores(engine: Engine) -> None:
+def test_batcher_stores_for_leavers(engine: Engine) -> None:
     writer = VisitorWriter()
     batcher = WriteBatcher(make_sessionmaker(engine), writer)
 
@@ -105,3 +117,29 @@ def test_batcher_caller_gone_still_stores(engine: Engine) -> None:
 
     # Once queued, an item is stored even if its caller stops listening.
     assert stored_names(engine) == ["gone", "staying"]
+
+
+def test_batcher_database_failure_fails_all(engine: Engine) -> None:
+    writer = VisitorWriter()
+    batcher = WriteBatcher(make_sessionmaker(engine), writer)
+
+    results = asyncio.run(submit_all(batcher, ["first", "down-now", "last"]))
+
+    assert all(isinstance(result, OperationalError) for result in results)
+    assert writer.transactions == [3]
+
+
+def test_batcher_outlives_closed_loop(engine: Engine) -> None:
+    batcher = WriteBatcher(make_sessionmaker(engine), VisitorWriter())
+
+    async def leave_while_storing() -> None:
+        asyncio.ensure_future(batcher.submit("slow-first"))
+        await asyncio.sleep(0.05)
+
+    asyncio.run(leave_while_storing())
+    second = asyncio.run(batcher.submit("second"))
+
+    assert isinstance(second, int)
+    # The abandoned transaction still ends, in its own thread.
+    wait_until(lambda: "slow-first" in stored_names(engine), seconds=10)
+    assert "second" in stored_names(engine)
