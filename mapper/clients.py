@@ -112,9 +112,16 @@ class ACClient:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._http = _make_http_client(settings)
+        # Lookups are few, and keep httpx's own limits.
+        self._http = _make_http_client(settings, limits=httpx.Limits())
         pools = math.ceil(settings.delivery_concurrency / CONNECTIONS_PER_POOL)
-        self._event_pools = [_make_http_client(settings) for _ in range(pools)]
+        pool_limits = httpx.Limits(
+            max_connections=CONNECTIONS_PER_POOL,
+            max_keepalive_connections=CONNECTIONS_PER_POOL,
+        )
+        self._event_pools = [
+            _make_http_client(settings, limits=pool_limits) for _ in range(pools)
+        ]
         self._posting = [0] * pools
         self._limiter = RateLimiter(settings.ac_rate_limit)
         self._lookups_paused_until: datetime | None = None
@@ -200,7 +207,8 @@ class ACClient:
         return result
 
     async def _post_event(self, form: dict[str, str]) -> httpx.Response:
-        # The least busy pool, so that none grows past its share.
+        # The least busy pool takes the post, so that none waits for a
+        # connection while another has one free.
         pool = min(range(len(self._event_pools)), key=self._posting.__getitem__)
         self._posting[pool] += 1
         try:
@@ -210,14 +218,10 @@ class ACClient:
             self._posting[pool] -= 1
 
 
-def _make_http_client(settings: Settings) -> httpx.AsyncClient:
-    connections = httpx.Limits(
-        max_connections=CONNECTIONS_PER_POOL,
-        max_keepalive_connections=CONNECTIONS_PER_POOL,
-    )
+def _make_http_client(settings: Settings, *, limits: httpx.Limits) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=settings.ac_timeout,
-        limits=connections,
+        limits=limits,
         follow_redirects=False,
         headers={"User-Agent": "mapper"},
     )

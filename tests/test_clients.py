@@ -10,12 +10,17 @@ import httpx
 import pytest
 
 from mapper.clients import (
+    ACClient,
+    DeliveryResult,
+    Outcome,
     RateLimiter,
     parse_retry_after,
     read_track_answer,
     read_view_answer,
 )
 from mapper.errors import ACUnavailable
+from tests.fake_ac import FakeAC
+from tests.helpers import make_settings
 
 HASH = "5f2b8c1e9a7d4c3b2a1908f7e6d5c4b3"
 
@@ -230,3 +235,28 @@ def test_rate_limiter_urgent_goes_first() -> None:
     asyncio.run(queue_up())
 
     assert order[0] == "lookup"
+
+
+def test_send_event_pools_not_capping(fake_ac: FakeAC) -> None:
+    # 20 sends at once need three pools of 8 connections; one would hold
+    # 12 of them back until others ended.
+    settings = make_settings(
+        "sqlite:///unused.db", fake_ac, MAPPER_DELIVERY_CONCURRENCY="20"
+    )
+    fake_ac.set_mode("slow", delay=0.3)
+
+    async def send_together() -> list[DeliveryResult]:
+        client = ACClient(settings)
+        try:
+            sends = (
+                client.send_event(email=f"p{n}@example.com", name="pooled", data=None)
+                for n in range(20)
+            )
+            return await asyncio.gather(*sends)
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(send_together())
+
+    assert {result.outcome for result in results} == {Outcome.DELIVERED}
+    assert fake_ac.most_in_flight == 20
