@@ -202,24 +202,11 @@ def find_contact_by_hash(session: Session, ac_hash: str) -> Contact | None:
 
 
 def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
-    """Return the visitor with `public_id`, or a new anonymous one.
-
-    A valid signature on an id we no longer hold (erased, or another
-    database) also starts a new visitor.
-    """
-    now = utcnow()
-    visitor = None
-    if public_id is not None:
-        # Locked, so that a landing binding this visitor at the same time
-        # cannot leave this request adding a held event to a known visitor.
-        query = select(Visitor).where(Visitor.public_id == public_id)
-        visitor = session.scalars(query.with_for_update()).first()
-
-    if visitor is None:
-        visitor = Visitor(public_id=make_visitor_id(), created_at=now)
-        session.add(visitor)
-    visitor.last_seen_at = now
-    session.flush()
+    """Return the visitor with `public_id`, or a new anonymous one, locked
+    and marked as seen, as `add_events` does for its visitors."""
+    [row] = _touch_visitors(session, [public_id], now=utcnow())
+    visitor = session.get(Visitor, row.id)
+    assert visitor is not None
     return visitor
 
 
@@ -276,8 +263,10 @@ class HoldLimit:
 
 @dataclass(frozen=True)
 class NewEvent:
-    """An event as received, for the visitor whose signed id came with it
-    (None: no good cookie, so a new visitor)."""
+    """An event as received, with the visitor id from its cookie, if any.
+
+    Without a visitor id (no good cookie), the event starts a new visitor.
+    """
 
     visitor: VisitorId | None
     name: str
@@ -317,9 +306,9 @@ def add_events(
     `hold.since` (no limit without `hold`).
     """
     now = utcnow()
-    visitors = _touch_visitors(session, [event.visitor for event in events], now)
-    sent = _sent_client_ids(session, visitors, events)
-    held = _held_counts(session, visitors, hold)
+    visitors = _touch_visitors(session, [event.visitor for event in events], now=now)
+    sent = _sent_client_ids(session, visitors=visitors, events=events)
+    held = _held_counts(session, visitors=visitors, hold=hold)
 
     rows: list[dict[str, Any]] = []
     stored: list[StoredEvent] = []
@@ -327,7 +316,7 @@ def add_events(
         intake = _take(event, visitor, sent=sent, held=held, hold=hold)
         stored.append(StoredEvent(visitor.public_id, intake))
         if intake is Intake.STORED:
-            rows.append(_event_row(event, visitor, now))
+            rows.append(_event_row(event, visitor, now=now))
 
     if rows:
         # Rows go in in this order, so a visitor's events keep theirs.
@@ -336,19 +325,31 @@ def add_events(
 
 
 def _touch_visitors(
-    session: Session, public_ids: Sequence[VisitorId | None], now: datetime
+    session: Session, public_ids: Sequence[VisitorId | None], *, now: datetime
 ) -> list[_VisitorRow]:
-    # One UPDATE marks, locks and reads every known visitor at once.
+    """Lock, mark as seen and read the visitor of each id, or make a new one.
+
+    The lock keeps a landing that binds a visitor at the same time from
+    leaving an event held for a visitor already identified. Rows are locked
+    in the order of their ids, so that two batches sharing visitors cannot
+    each wait for a lock the other holds.
+    """
     known = {public_id for public_id in public_ids if public_id is not None}
     found: dict[str | None, _VisitorRow] = {}
     if known:
-        touched = session.execute(
-            update(VISITORS)
+        query = (
+            select(VISITORS.c.id, VISITORS.c.public_id, VISITORS.c.contact_id)
             .where(VISITORS.c.public_id.in_(known))
-            .values(last_seen_at=now)
-            .returning(VISITORS.c.id, VISITORS.c.public_id, VISITORS.c.contact_id)
+            .order_by(VISITORS.c.id)
+            .with_for_update()
         )
-        found = {row.public_id: _VisitorRow(*row) for row in touched}
+        found = {row.public_id: _VisitorRow(*row) for row in session.execute(query)}
+    if found:
+        session.execute(
+            update(VISITORS)
+            .where(VISITORS.c.id.in_([row.id for row in found.values()]))
+            .values(last_seen_at=now)
+        )
 
     # A valid signature on an id we no longer hold (erased, or another
     # database) also starts a new visitor.
@@ -369,7 +370,7 @@ def _new_visitor(session: Session, now: datetime) -> _VisitorRow:
 
 
 def _sent_client_ids(
-    session: Session, visitors: Sequence[_VisitorRow], events: Sequence[NewEvent]
+    session: Session, *, visitors: Sequence[_VisitorRow], events: Sequence[NewEvent]
 ) -> set[tuple[int, str]]:
     """The (visitor, client id) pairs among `events` already stored."""
     pairs = {
@@ -387,7 +388,7 @@ def _sent_client_ids(
 
 
 def _held_counts(
-    session: Session, visitors: Sequence[_VisitorRow], hold: HoldLimit | None
+    session: Session, *, visitors: Sequence[_VisitorRow], hold: HoldLimit | None
 ) -> dict[int, int]:
     """How many events each anonymous visitor among `visitors` holds."""
     anonymous = {visitor.id for visitor in visitors if visitor.contact_id is None}
@@ -414,8 +415,8 @@ def _take(
     hold: HoldLimit | None,
 ) -> Intake:
     """Decide what becomes of `event`, counting it if it is stored."""
-    client = (visitor.id, event.client_id or "")
-    if event.client_id is not None and client in sent:
+    client = None if event.client_id is None else (visitor.id, event.client_id)
+    if client in sent:
         return Intake.REPEATED
 
     if visitor.contact_id is None and hold is not None:
@@ -423,12 +424,14 @@ def _take(
         if holding >= hold.most:
             return Intake.HELD_FULL
         held[visitor.id] = holding + 1
-    if event.client_id is not None:
+    if client is not None:
         sent.add(client)
     return Intake.STORED
 
 
-def _event_row(event: NewEvent, visitor: _VisitorRow, now: datetime) -> dict[str, Any]:
+def _event_row(
+    event: NewEvent, visitor: _VisitorRow, *, now: datetime
+) -> dict[str, Any]:
     identified = visitor.contact_id is not None
     return {
         "visitor_id": visitor.id,

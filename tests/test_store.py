@@ -14,14 +14,23 @@ from mapper.errors import StoreConflict
 from mapper.models import Source, utcnow
 from mapper.store import (
     ContactFacts,
+    HoldLimit,
+    Intake,
     NewEvent,
     add_events,
     record_contact,
     run_transaction,
     touch_visitor,
 )
-from mapper.tokens import make_visitor_id
-from tests.helpers import EMAIL, HASH, contacts, events, visitors
+from mapper.tokens import VisitorId, make_visitor_id
+from tests.helpers import (
+    EMAIL,
+    HASH,
+    add_visitors_with_events,
+    contacts,
+    events,
+    visitors,
+)
 
 
 def test_run_transaction_gives_up(engine: Engine) -> None:
@@ -132,7 +141,7 @@ def test_add_events_keeps_order(engine: Engine) -> None:
     assert [event.name for event in events(engine)] == [f"e{n}" for n in range(300)]
 
 
-def test_add_events_new_visitor_each(engine: Engine) -> None:
+def test_add_events_unknown_visitors(engine: Engine) -> None:
     sessions = make_sessionmaker(engine)
     stale = make_visitor_id()
     batch = [NewEvent(None, "a", None, None), NewEvent(stale, "b", None, None)]
@@ -141,3 +150,44 @@ def test_add_events_new_visitor_each(engine: Engine) -> None:
 
     assert len({event.visitor for event in stored} | {stale}) == 3
     assert len(visitors(engine)) == 2
+
+
+def test_add_events_batch_rules(engine: Engine) -> None:
+    sessions = make_sessionmaker(engine)
+    hold = HoldLimit(3, utcnow() - timedelta(hours=1))
+    [first] = run_transaction(
+        sessions, lambda s: add_events(s, [NewEvent(None, "e0", None, "c0")], hold=hold)
+    )
+    anonymous = first.visitor
+    batch = [
+        NewEvent(anonymous, "e1", None, "c1"),
+        NewEvent(anonymous, "e2", None, "c1"),
+        NewEvent(anonymous, "e3", None, "c0"),
+        NewEvent(anonymous, "e4", None, None),
+        NewEvent(anonymous, "e5", None, None),
+    ]
+
+    stored = run_transaction(sessions, lambda s: add_events(s, batch, hold=hold))
+
+    assert [event.intake for event in stored] == [
+        Intake.STORED,
+        Intake.REPEATED,
+        Intake.REPEATED,
+        Intake.STORED,
+        Intake.HELD_FULL,
+    ]
+    assert [event.name for event in events(engine)] == ["e0", "e1", "e4"]
+
+
+def test_add_events_identified_uncapped(engine: Engine) -> None:
+    sessions = make_sessionmaker(engine)
+    add_visitors_with_events(sessions, visitors=1, each=0)
+    [visitor] = visitors(engine)
+    hold = HoldLimit(1, utcnow() - timedelta(hours=1))
+    named = VisitorId(visitor.public_id)
+    batch = [NewEvent(named, f"e{n}", None, None) for n in range(3)]
+
+    stored = run_transaction(sessions, lambda s: add_events(s, batch, hold=hold))
+
+    assert {event.intake for event in stored} == {Intake.STORED}
+    assert {event.status for event in events(engine)} == {"pending"}
