@@ -62,8 +62,7 @@ class VisitorSigner:
         return PREFIX + self._signer.sign(visitor_id).decode("ascii")
 
     def read(self, cookie: str | None) -> SignedVisitor | None:
-        """Return the visitor in a cookie value and when it was signed, or
-        None if the value is not good.
+        """Return the visitor in a cookie value, or None if it is not good.
 
         Tampered, foreign, expired, future-dated and garbage values all give
         None, with no hint of which check failed.
@@ -77,8 +76,3 @@ class VisitorSigner:
         except BadSignature:
             return None
         return SignedVisitor(VisitorId(value.decode("ascii")), signed_at)
-
-    def verify(self, cookie: str | None) -> VisitorId | None:
-        """Return the visitor id in a cookie value, or None as `read` does."""
-        signed = self.read(cookie)
-        return None if signed is None else signed.id

@@ -24,24 +24,26 @@ def test_make_visitor_id_random() -> None:
     assert {len(visitor_id) for visitor_id in ids} == {32}
 
 
-def test_verify_round_trip() -> None:
+def test_read_round_trip() -> None:
     signer = VisitorSigner([NEW], max_age=DAY)
     visitor_id = make_visitor_id()
 
-    assert signer.verify(signer.sign(visitor_id)) == visitor_id
+    signed = signer.read(signer.sign(visitor_id))
+
+    assert signed is not None and signed.id == visitor_id
 
 
-def test_verify_accepts_rotated_key() -> None:
+def test_read_accepts_rotated_key() -> None:
     before = VisitorSigner([OLD], max_age=DAY).sign(make_visitor_id())
 
-    assert VisitorSigner([OLD, NEW], max_age=DAY).verify(before) is not None
-    assert VisitorSigner([NEW], max_age=DAY).verify(before) is None
+    assert VisitorSigner([OLD, NEW], max_age=DAY).read(before) is not None
+    assert VisitorSigner([NEW], max_age=DAY).read(before) is None
 
 
 def test_sign_uses_newest_key() -> None:
     cookie = VisitorSigner([OLD, NEW], max_age=DAY).sign(make_visitor_id())
 
-    assert VisitorSigner([NEW], max_age=DAY).verify(cookie) is not None
+    assert VisitorSigner([NEW], max_age=DAY).read(cookie) is not None
 
 
 def _signed_elsewhere(key: Secret, salt: str) -> str:
@@ -63,16 +65,16 @@ def _signed_elsewhere(key: Secret, salt: str) -> str:
         ),
     ],
 )
-def test_verify_refuses_bad_cookie(cookie: str | None) -> None:
-    assert VisitorSigner([NEW], max_age=DAY).verify(cookie) is None
+def test_read_refuses_bad_cookie(cookie: str | None) -> None:
+    assert VisitorSigner([NEW], max_age=DAY).read(cookie) is None
 
 
-def test_verify_refuses_tampered() -> None:
+def test_read_refuses_tampered() -> None:
     signer = VisitorSigner([NEW], max_age=DAY)
     cookie = signer.sign(make_visitor_id())
     tampered = cookie[:-3] + ("AAA" if not cookie.endswith("AAA") else "BBB")
 
-    assert signer.verify(tampered) is None
+    assert signer.read(tampered) is None
 
 
 @pytest.mark.parametrize(
@@ -83,13 +85,13 @@ def test_verify_refuses_tampered() -> None:
         pytest.param("2026-01-01 13:00", False, id="future-dated"),
     ],
 )
-def test_verify_checks_age(signed_at: str, valid: bool) -> None:
+def test_read_checks_age(signed_at: str, valid: bool) -> None:
     signer = VisitorSigner([NEW], max_age=DAY)
     with freeze_time(signed_at):
         cookie = signer.sign(make_visitor_id())
 
     with freeze_time("2026-01-01 12:00"):
-        verified = signer.verify(cookie)
+        verified = signer.read(cookie)
 
     assert (verified is not None) is valid
 

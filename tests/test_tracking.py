@@ -9,11 +9,11 @@ from datetime import timedelta
 import httpx2
 import pytest
 from freezegun import freeze_time
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, delete, update
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
-from mapper.models import Event, utcnow
+from mapper.models import Event, Visitor, utcnow
 from tests.conftest import ClientFactory
 from tests.fake_ac import FakeAC
 from tests.helpers import EMAIL, HASH, ORIGIN, PAGE, events, visitors
@@ -351,16 +351,50 @@ def test_track_fresh_cookie_kept(client: TestClient, engine: Engine) -> None:
     assert len(visitors(engine)) == 1
 
 
-def test_track_day_old_cookie_renewed(client: TestClient, engine: Engine) -> None:
+def _track_with_cookie_aged(
+    client: TestClient, engine: Engine, age: timedelta
+) -> httpx2.Response:
+    """Track once, then again with the visitor's cookie signed `age` ago."""
     _track(client, {"event": "one"})
     [visitor] = visitors(engine)
     signer = client.app.state.runtime.signer  # type: ignore[attr-defined]
-    with freeze_time(utcnow() - timedelta(days=2)):
-        old_cookie = signer.sign(visitor.public_id)
-    client.cookies.set("mapper_vid", old_cookie, domain="mapper.shop.example")
+    with freeze_time(utcnow() - age):
+        aged = signer.sign(visitor.public_id)
+    client.cookies.set("mapper_vid", aged, domain="mapper.shop.example")
+    return _track(client, {"event": "two"})
+
+
+@pytest.mark.parametrize(
+    ("max_age", "age", "renewed"),
+    [
+        pytest.param("34560000", timedelta(hours=23), False, id="under-a-day"),
+        pytest.param("34560000", timedelta(hours=25), True, id="over-a-day"),
+        pytest.param("36000", timedelta(minutes=50), False, id="short-life-fresh"),
+        pytest.param("36000", timedelta(minutes=70), True, id="short-life-tenth"),
+    ],
+)
+def test_track_renews_by_age(
+    client_with: ClientFactory,
+    engine: Engine,
+    max_age: str,
+    age: timedelta,
+    renewed: bool,
+) -> None:
+    client = client_with(MAPPER_COOKIE_MAX_AGE=max_age)
+
+    response = _track_with_cookie_aged(client, engine, age)
+
+    assert ("set-cookie" in response.headers) is renewed
+    assert len(visitors(engine)) == 1
+
+
+def test_track_erased_visitor_new_cookie(client: TestClient, engine: Engine) -> None:
+    _track(client, {"event": "one"})
+    with Session(engine) as session, session.begin():
+        session.execute(delete(Visitor))
 
     response = _track(client, {"event": "two"})
 
-    renewed = signer.read(response.cookies["mapper_vid"])
-    assert renewed.id == visitor.public_id
-    assert utcnow() - renewed.signed_at < timedelta(minutes=1)
+    [visitor] = visitors(engine)
+    signer = client.app.state.runtime.signer  # type: ignore[attr-defined]
+    assert signer.read(response.cookies["mapper_vid"]).id == visitor.public_id
