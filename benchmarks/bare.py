@@ -2,7 +2,8 @@
 
 One Starlette endpoint that answers 202 with mapper's body and does no
 work, run by uvicorn with the options `mapper serve` uses, so that the
-difference between the two is what mapper does.
+difference between the two is what mapper does. It reads no request and
+keeps nothing.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ how `/go` and `/track` keep up as the store grows.
 Load comes from wrk, a compiled load generator from Debian, driven by
 `requests.lua`; its numbers are read from the one JSON line the script
 prints. Servers run as separate processes, as an operator runs them.
+The cookies, hashes and emails are made up.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,12 @@ from tests.service import MapperProcess, free_port
 
 LUA_SCRIPT = Path(__file__).with_name("requests.lua")
 CONNECTIONS = (1, 16, 64)
-# The sample of stored visitors and hashes a load draws its requests from.
+BUSIEST = CONNECTIONS[-1]
+# How many stored visitors and hashes, at most, a load draws its requests
+# from: enough to spread them over the store.
 SAMPLE = 2_000
 TRACK_BODY = '{"event": "viewed_pricing", "data": {"plan": "pro"}}'
+SERVE_ONLY = ("serve", "--no-delivery")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ def run_wrk(
     wrk = shutil.which("wrk")
     if wrk is None:
         raise click.ClickException("wrk is not installed; scripts/bench installs it.")
+
     command = [
         wrk,
         f"-t{min(connections, 2)}",
@@ -70,10 +75,12 @@ def run_wrk(
     finished = subprocess.run(
         command, capture_output=True, text=True, check=True, timeout=seconds + 60
     )
-    line = next(
-        line for line in finished.stdout.splitlines() if line.startswith("RESULT ")
-    )
-    load = Load(**json.loads(line.removeprefix("RESULT ")))
+
+    results = [line for line in finished.stdout.splitlines() if "RESULT " in line]
+    if not results:
+        raise click.ClickException(f"wrk printed no result: {finished.stderr}")
+    load = Load(**json.loads(results[-1].split("RESULT ", 1)[1]))
+
     if load.failed:
         # Refused or timed-out requests are fast or slow for other reasons
         # than the ones measured.
@@ -83,13 +90,13 @@ def run_wrk(
     return load
 
 
-def write_requests(path: Path, lines: Iterator[tuple[str, str, str, str]]) -> Path:
+def write_requests(path: Path, lines: Iterable[tuple[str, str, str, str]]) -> Path:
     """Write requests for `requests.lua`: method, path, cookie, body."""
     path.write_text("".join("\t".join(line) + "\n" for line in lines), "utf-8")
     return path
 
 
-def track_requests(folder: Path, *, visitors: int) -> Path:
+def write_track_requests(folder: Path, *, visitors: int) -> Path:
     """`/track` requests from a sample of the first `visitors` visitors."""
     step = max(visitors // SAMPLE, 1)
     lines = (
@@ -99,7 +106,7 @@ def track_requests(folder: Path, *, visitors: int) -> Path:
     return write_requests(folder / "track.tsv", lines)
 
 
-def landing_requests(folder: Path, *, contacts: int) -> Path:
+def write_landing_requests(folder: Path, *, contacts: int) -> Path:
     """`/go` clicks with the hashes of a sample of the first `contacts`."""
     step = max(contacts // SAMPLE, 1)
     lines = (
@@ -109,7 +116,7 @@ def landing_requests(folder: Path, *, contacts: int) -> Path:
     return write_requests(folder / "go.tsv", lines)
 
 
-def peak_rss_mb(pid: int) -> float:
+def read_peak_rss_mb(pid: int) -> float:
     """The most resident memory process `pid` has had, in MB."""
     status = Path(f"/proc/{pid}/status").read_text("utf-8")
     for line in status.splitlines():
@@ -145,54 +152,52 @@ def wait_for_port(port: int, *, seconds: float = 20) -> None:
     raise RuntimeError(f"Nothing listened on port {port} in {seconds} seconds.")
 
 
+def run_each_connections(
+    url: str, requests: Path, *, seconds: float
+) -> dict[int, Load]:
+    """A warm-up, then a run at each number of connections."""
+    run_wrk(url, requests, connections=16, seconds=1)
+    return {
+        connections: run_wrk(url, requests, connections=connections, seconds=seconds)
+        for connections in CONNECTIONS
+    }
+
+
+def measure_bare(*, seconds: float) -> dict[int, Load]:
+    """The bare endpoint at each number of connections."""
+    with tempfile.TemporaryDirectory(prefix="mapper-bench-") as name:
+        requests = write_requests(
+            Path(name) / "bare.tsv", [("POST", "/track", "", TRACK_BODY)]
+        )
+        with bare_server() as url:
+            return run_each_connections(url, requests, seconds=seconds)
+
+
 @dataclass(frozen=True)
 class IntakeResult:
-    """The loads one server took, by connections, and the paced load."""
+    """What `mapper serve` took on one database."""
 
-    server: str
+    backend: str
     loads: dict[int, Load]
-    paced: Load | None = None
-    peak_rss_mb: float | None = None
-
-
-def measure_bare(folder: Path, *, seconds: float) -> IntakeResult:
-    """The bare endpoint at each number of connections."""
-    requests = write_requests(
-        folder / "bare.tsv", iter([("POST", "/track", "", TRACK_BODY)])
-    )
-    with bare_server() as url:
-        run_wrk(url, requests, connections=16, seconds=1)
-        loads = {
-            connections: run_wrk(
-                url, requests, connections=connections, seconds=seconds
-            )
-            for connections in CONNECTIONS
-        }
-    return IntakeResult("bare Starlette", loads)
+    half_load: Load
+    peak_rss_mb: float
 
 
 def measure_intake(backend: str, *, visitors: int, seconds: float) -> IntakeResult:
     """`/track` of identified visitors at each number of connections, then
-    at half the most it took, paced; and the server's peak memory."""
+    at half the most it took; and the server's peak memory."""
     with scratch(backend) as store:
         fill(store.url, rows=visitors)
-        requests = track_requests(store.folder, visitors=visitors)
+        requests = write_track_requests(store.folder, visitors=visitors)
+
         env = {"MAPPER_DATABASE_URL": store.url}
-        with MapperProcess(store.folder, env, command=("serve", "--no-delivery")) as (
-            mapper
-        ):
-            run_wrk(mapper.url, requests, connections=16, seconds=1)
-            loads = {
-                connections: run_wrk(
-                    mapper.url, requests, connections=connections, seconds=seconds
-                )
-                for connections in CONNECTIONS
-            }
-            paced = run_half_load(
-                mapper.url, requests, busiest=loads[CONNECTIONS[-1]], seconds=seconds
+        with MapperProcess(store.folder, env, command=SERVE_ONLY) as mapper:
+            loads = run_each_connections(mapper.url, requests, seconds=seconds)
+            half_load = run_half_load(
+                mapper.url, requests, busiest=loads[BUSIEST], seconds=seconds
             )
-            peak = peak_rss_mb(mapper.pid)
-    return IntakeResult(f"mapper, {backend}", loads, paced, peak)
+            peak = read_peak_rss_mb(mapper.pid)
+    return IntakeResult(backend, loads, half_load, peak)
 
 
 def run_half_load(url: str, requests: Path, *, busiest: Load, seconds: float) -> Load:
@@ -201,19 +206,18 @@ def run_half_load(url: str, requests: Path, *, busiest: Load, seconds: float) ->
     Each connection pauses before each request, for its share of the rate
     less the time an answer takes; a short first run tells that time.
     """
-    connections = CONNECTIONS[-1]
-    cycle_ms = connections * 1000 / (busiest.rate / 2)
+    cycle_ms = BUSIEST * 1000 / (busiest.rate / 2)
     trial = run_wrk(
         url,
         requests,
-        connections=connections,
+        connections=BUSIEST,
         seconds=max(seconds / 5, 1),
         pause_ms=max(round(cycle_ms - busiest.p50_ms), 0),
     )
     return run_wrk(
         url,
         requests,
-        connections=connections,
+        connections=BUSIEST,
         seconds=seconds,
         pause_ms=max(round(cycle_ms - trial.p50_ms), 0),
     )
@@ -223,8 +227,6 @@ def run_half_load(url: str, requests: Path, *, busiest: Load, seconds: float) ->
 class GrowthResult:
     """Latency of `/go` and `/track` at one size of the store."""
 
-    backend: str
-    rows: int
     landing: Load
     tracking: Load
 
@@ -234,36 +236,34 @@ def measure_growth(backend: str, *, rows: int, seconds: float) -> GrowthResult:
     visitors stored."""
     with scratch(backend) as store:
         fill(store.url, rows=rows)
-        landing = landing_requests(store.folder, contacts=rows)
-        tracking = track_requests(store.folder, visitors=rows)
+        landing = write_landing_requests(store.folder, contacts=rows)
+        tracking = write_track_requests(store.folder, visitors=rows)
+
         env = {"MAPPER_DATABASE_URL": store.url}
-        with MapperProcess(store.folder, env, command=("serve", "--no-delivery")) as (
-            mapper
-        ):
+        with MapperProcess(store.folder, env, command=SERVE_ONLY) as mapper:
             run_wrk(mapper.url, tracking, connections=1, seconds=1)
             go = run_wrk(mapper.url, landing, connections=1, seconds=seconds)
             track = run_wrk(mapper.url, tracking, connections=1, seconds=seconds)
-    return GrowthResult(backend, rows, go, track)
+    return GrowthResult(go, track)
 
 
-def intake(size: Size) -> list[Table]:
-    """The intake tables: throughput beside the bare server, the paced
-    half load, and peak memory."""
-    with tempfile.TemporaryDirectory(prefix="mapper-bench-") as name:
-        bare = measure_bare(Path(name), seconds=size.load_seconds)
+def report_intake(size: Size) -> list[Table]:
+    """The intake tables: throughput beside the bare server, half load, and
+    peak memory."""
+    bare = measure_bare(seconds=size.load_seconds)
     results = [
         measure_intake(backend, visitors=size.visitors, seconds=size.load_seconds)
         for backend in BACKENDS
     ]
     return [
-        throughput_table(bare, results, seconds=size.load_seconds),
-        paced_table(results),
-        memory_table(results),
+        make_throughput_table(bare, results, seconds=size.load_seconds),
+        make_half_load_table(results),
+        make_memory_table(results),
     ]
 
 
-def throughput_table(
-    bare: IntakeResult, results: list[IntakeResult], *, seconds: float
+def make_throughput_table(
+    bare: dict[int, Load], results: list[IntakeResult], *, seconds: float
 ) -> Table:
     table = Table(
         "Intake: `POST /track` beside a bare endpoint",
@@ -274,12 +274,14 @@ def throughput_table(
         "with the same options. Each event is committed before its answer.",
         ("Server", "Connections", "Requests/s", "p50 ms", "p99 ms", "Of bare"),
     )
-    for result in [bare, *results]:
-        for connections, load in result.loads.items():
-            share = load.rate / bare.loads[connections].rate
+    servers = {"bare Starlette": bare}
+    servers |= {f"mapper, {result.backend}": result.loads for result in results}
+    for server, loads in servers.items():
+        for connections, load in loads.items():
+            share = load.rate / bare[connections].rate
             table.rows.append(
                 (
-                    result.server,
+                    server,
                     str(connections),
                     f"{load.rate:,.0f}",
                     f"{load.p50_ms:.2f}",
@@ -290,41 +292,45 @@ def throughput_table(
     return table
 
 
-def paced_table(results: list[IntakeResult]) -> Table:
-    connections = CONNECTIONS[-1]
+def make_half_load_table(results: list[IntakeResult]) -> Table:
     table = Table(
         "Intake at half load",
-        f"{connections} connections, each pausing between requests so that "
-        f"together they send about half of what {connections} connections "
-        "without pauses reached above.",
-        ("Server", "Requests/s", f"Of {connections} unpaced", "p50 ms", "p99 ms"),
+        f"{BUSIEST} connections, each pausing between requests so that "
+        f"together they send about half of what {BUSIEST} connections "
+        "without pauses reached above. Each connection waits for its answer "
+        "before it pauses, so a stall of the server also holds back the "
+        "requests that would have come during it: the p99 here is lower "
+        "than a steady stream of arrivals would meet.",
+        ("Server", "Requests/s", f"Of {BUSIEST} unpaced", "p50 ms", "p99 ms"),
     )
     for result in results:
-        assert result.paced is not None
-        paced, busiest = result.paced, result.loads[connections]
+        half, busiest = result.half_load, result.loads[BUSIEST]
         table.rows.append(
             (
-                result.server,
-                f"{paced.rate:,.0f}",
-                f"{paced.rate / busiest.rate:.2f}",
-                f"{paced.p50_ms:.2f}",
-                f"{paced.p99_ms:.2f}",
+                f"mapper, {result.backend}",
+                f"{half.rate:,.0f}",
+                f"{half.rate / busiest.rate:.2f}",
+                f"{half.p50_ms:.2f}",
+                f"{half.p99_ms:.2f}",
             )
         )
     return table
 
 
-def memory_table(results: list[IntakeResult]) -> Table:
+def make_memory_table(results: list[IntakeResult]) -> Table:
+    rows: list[tuple[str, ...]] = [
+        (f"mapper, {result.backend}", f"{result.peak_rss_mb:.0f}") for result in results
+    ]
     return Table(
         "Memory",
         "The most resident memory (VmHWM) the `mapper serve` process had by the "
         "end of its intake runs above.",
         ("Server", "Peak RSS MB"),
-        [(result.server, f"{result.peak_rss_mb:.0f}") for result in results],
+        rows,
     )
 
 
-def growth(size: Size) -> Table:
+def report_growth(size: Size) -> Table:
     """`/go` and `/track` latency at each size of the store."""
     table = Table(
         "Growth",

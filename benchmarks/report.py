@@ -1,4 +1,4 @@
-"""How big the benchmarks run, and the tables they report."""
+"""How big the benchmarks run, and the tables they report; no personal data."""
 
 from __future__ import annotations
 

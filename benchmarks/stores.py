@@ -9,6 +9,7 @@ hash here is made up.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,6 @@ from mapper.tokens import VisitorId, VisitorSigner
 from tests.service import SECRET_KEY
 
 DEFAULT_POSTGRES = "postgresql://postgres:postgres@127.0.0.1:5432/test"
-BENCH_DATABASE = "mapper_bench"
 BACKENDS = ("sqlite", "postgresql")
 # Rows per INSERT statement while filling.
 FILL_CHUNK = 10_000
@@ -66,19 +66,21 @@ def scratch(backend: str = "sqlite") -> Iterator[Store]:
 def postgres_database() -> Iterator[str]:
     """A new, empty database on the test server, dropped afterwards.
 
-    The server is the one MAPPER_TEST_DATABASE_URL names, as for the tests.
+    The server is the one MAPPER_TEST_DATABASE_URL names, as for the tests;
+    the database's name is this run's own, so that runs side by side do not
+    drop each other's.
     """
     server = make_url(os.environ.get("MAPPER_TEST_DATABASE_URL", DEFAULT_POSTGRES))
-    admin = server.render_as_string(hide_password=False)
-    drop = f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"
+    name = f"mapper_bench_{secrets.token_hex(4)}"
+    # libpq takes the URL without SQLAlchemy's driver name.
+    admin = server.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(drop)
-        connection.execute(f"CREATE DATABASE {BENCH_DATABASE}")
+        connection.execute(f"CREATE DATABASE {name}")
     try:
-        yield server.set(database=BENCH_DATABASE).render_as_string(hide_password=False)
+        yield server.set(database=name).render_as_string(hide_password=False)
     finally:
         with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(drop)
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def fake_hash(number: int) -> str:

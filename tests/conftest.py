@@ -35,9 +35,22 @@ def reset_postgres(url: str) -> None:
             conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
             conn.execute("CREATE SCHEMA public")
     except psycopg.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required under CI and is unreachable: {exc}")
-        pytest.skip("PostgreSQL is not reachable; set MAPPER_TEST_DATABASE_URL")
+        skip_without_postgres(exc)
+
+
+def require_postgres() -> None:
+    """Skip (fail under CI) unless the test server answers."""
+    try:
+        with psycopg.connect(postgres_url(), connect_timeout=5):
+            pass
+    except psycopg.OperationalError as exc:
+        skip_without_postgres(exc)
+
+
+def skip_without_postgres(exc: psycopg.OperationalError) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"PostgreSQL is required under CI and is unreachable: {exc}")
+    pytest.skip("PostgreSQL is not reachable; set MAPPER_TEST_DATABASE_URL")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

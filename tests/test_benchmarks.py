@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.suite import KEPT_HEADING
+from tests.conftest import require_postgres
 
 PROJECT = Path(__file__).resolve().parent.parent
 EARLIER_RECORD = f"{KEPT_HEADING}\n\nEarlier findings.\n"
@@ -27,6 +28,8 @@ class SmokeRun:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    # The suite measures on both databases.
+    require_postgres()
     output = tmp_path_factory.mktemp("bench") / "benchmarks.md"
     output.write_text(f"# Old page\n\n{EARLIER_RECORD}", "utf-8")
     result = subprocess.run(
