@@ -202,8 +202,10 @@ def find_contact_by_hash(session: Session, ac_hash: str) -> Contact | None:
 
 
 def touch_visitor(session: Session, public_id: VisitorId | None) -> Visitor:
-    """Return the visitor with `public_id`, or a new anonymous one, locked
-    and marked as seen, as `add_events` does for its visitors."""
+    """Return the visitor with `public_id`, or a new anonymous one.
+
+    It is locked and marked as seen, as `add_events` does for its visitors.
+    """
     [row] = _touch_visitors(session, [public_id], now=utcnow())
     visitor = session.get(Visitor, row.id)
     assert visitor is not None

@@ -213,12 +213,12 @@ def _client_id(value: Any) -> str | None:
 async def accept_event(
     state: Runtime, *, visitor: VisitorId | None, event: TrackedEvent
 ) -> VisitorId:
-    """Store `event` for the visitor (new if unknown); return the visitor id
-    once the event is committed.
+    """Store `event` for the visitor (new if unknown); return the visitor id.
 
-    This is event intake independent of the HTTP shape: any other way of
-    receiving events calls it too. Raises `BadRequest` (429) when the
-    visitor is anonymous and holds as many events as it may.
+    It returns once the event is committed. This is event intake
+    independent of the HTTP shape: any other way of receiving events calls
+    it too. Raises `BadRequest` (429) when the visitor is anonymous and
+    holds as many events as it may.
     """
     stored = await state.intake.submit(
         NewEvent(visitor, event.name, event.data, event.client_id)

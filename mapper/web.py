@@ -101,11 +101,11 @@ def read_visitor_cookie(request: Request) -> SignedVisitor | None:
 def is_cookie_fresh(
     cookie: SignedVisitor | None, state: Runtime, *, visitor: VisitorId
 ) -> bool:
-    """Whether the browser's cookie names `visitor` and was signed so lately
-    that signing it again would change nothing that matters.
+    """Whether the browser's cookie names `visitor` and was signed lately.
 
-    Signing costs a good part of an event's intake; a day, or a tenth of the
-    cookie's lifetime if that is less, is lost in the lifetime.
+    Then signing it again would change nothing that matters. Signing costs
+    a good part of an event's intake; a day, or a tenth of the cookie's
+    lifetime if that is less, is lost in the lifetime.
     """
     if cookie is None or cookie.id != visitor:
         return False
