@@ -105,6 +105,7 @@ def parse_event(body: bytes) -> TrackedEvent:
             body.decode("utf-8"),
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
+            parse_int=_double_sized_int,
             object_pairs_hook=_unique_keys,
         )
     except (UnicodeDecodeError, ValueError) as exc:
@@ -130,6 +131,14 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(number):
         raise BadRequest("Expected JSON numbers within the range of a double.")
     return number
+
+
+def _double_sized_int(text: str) -> int:
+    # Python's integers have no limit, but other JSON readers, AC's among
+    # them, take numbers as doubles; and past 4,300 digits int() refuses.
+    if not math.isfinite(float(text)):
+        raise BadRequest("Expected JSON numbers within the range of a double.")
+    return int(text)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -178,15 +187,16 @@ def _compact_json(value: Any) -> str:
 
 
 def _depth(value: Any) -> int:
+    """How many arrays and objects lie inside one another in `value`."""
     # Walked without recursion, so that no input can exhaust the stack.
-    deepest, stack = 0, [(value, 1)]
+    deepest, stack = 0, [(value, 0)]
     while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
+        item, enclosing = stack.pop()
         if isinstance(item, dict):
             item = list(item.values())
         if isinstance(item, list):
-            stack.extend((child, level + 1) for child in item)
+            deepest = max(deepest, enclosing + 1)
+            stack.extend((child, enclosing + 1) for child in item)
     return deepest
 
 

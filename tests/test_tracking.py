@@ -149,6 +149,11 @@ def test_track_text_plain_accepted(client: TestClient, engine: Engine) -> None:
         pytest.param(True, "true", id="bool"),
         pytest.param(None, None, id="null"),
         pytest.param([[{"a": [1]}]], '[[{"a":[1]}]]', id="nested"),
+        pytest.param(
+            json.loads("[" * 32 + "1" + "]" * 32),
+            "[" * 32 + "1" + "]" * 32,
+            id="32-deep",
+        ),
         pytest.param("caf\u00e9", "caf\u00e9", id="unicode"),
     ],
 )
@@ -203,6 +208,18 @@ def test_track_32_char_name(client: TestClient, engine: Engine) -> None:
         pytest.param(b'{"event": "e", "data": NaN}', 400, "JSON", id="nan"),
         pytest.param(b'{"event": "e", "data": -Infinity}', 400, "JSON", id="infinity"),
         pytest.param(b'{"event": "e", "data": 1e999}', 400, "JSON", id="overflow"),
+        pytest.param(
+            b'{"event": "e", "data": 1' + b"0" * 400 + b"}",
+            400,
+            "range of a double",
+            id="huge-integer",
+        ),
+        pytest.param(
+            b'{"event": "e", "data": [-1' + b"0" * 5000 + b"]}",
+            400,
+            "range of a double",
+            id="integer-past-int-limit",
+        ),
         pytest.param(
             b'{"event": "e", "data": ' + b"[" * 3000 + b"]" * 3000 + b"}",
             400,
