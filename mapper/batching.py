@@ -50,10 +50,11 @@ class WriteBatcher(Generic[Item, Result]):
     """Stores items in shared transactions, one at a time, oldest first.
 
     `store` takes an open session and a list of items, and returns one
-    result per item, in their order. When a shared transaction fails, each
-    of its items is stored again in a transaction of its own, so that one
-    item's error is its caller's alone; `store` must therefore act on
-    nothing outside the database.
+    result per item, in their order. When a shared transaction fails on an
+    item, each of its items is stored again in a transaction of its own, so
+    that one item's error is its caller's alone; `store` must therefore act
+    on nothing outside the database. When the database itself fails, every
+    caller of that transaction hears so at once.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class WriteBatcher(Generic[Item, Result]):
             self._waiting.clear()
 
     def _commit(self, items: list[Item]) -> list[_Outcome]:
-        """Store `items` in one transaction, or each alone if that fails."""
+        """Store `items` in one transaction, or each alone if an item failed it."""
         try:
             results = run_transaction(self._sessions, lambda s: self._run(s, items))
         except OperationalError as exc:
